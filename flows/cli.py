@@ -1,0 +1,211 @@
+"""The `npuflow` command: run the release flow, or one stage on its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from npuflow.errors import ConfigError, NpuflowError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="npuflow: release Llama-family models to Ascend NPU, CUDA and CPU.")
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def _emit(data: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for k, v in data.items():
+        table.add_row(str(k), json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
+    Console(stderr=False).print(table)
+
+
+def _logging(as_json: bool) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("alembic", "httpx", "urllib3", "botocore", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ---- the whole pipeline -----------------------------------------------------------------------
+
+
+@app.command()
+def run(config: Annotated[Path, typer.Argument(help="YAML run config, e.g. configs/tiny-llama-cpu.yaml")],
+        as_json: JsonOpt = False) -> None:
+    """Run the release flow (fetch -> quantize -> convert -> validate -> benchmark -> register -> promote)."""
+    from npuflow.config import load_config
+
+    cfg = load_config(config)  # bad config: exit 2 before anything is started or written
+    from flows.release import release
+
+    result = release(cfg)
+    _emit(result.model_dump(), as_json, f"release {result.name}: version {result.version}, {result.decision}")
+
+
+# ---- stages on their own ----------------------------------------------------------------------
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(output: Annotated[Path, typer.Argument(help="Directory to create (must not exist).")],
+                    steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
+                    as_json: JsonOpt = False) -> None:
+    """Build the demo model: a tiny Llama trained for seconds on a synthetic corpus (HF format)."""
+    from npuflow.tinymodel import build_tiny_llama
+
+    if output.exists():
+        raise ConfigError(f"{output} already exists; choose a new directory")
+    out = build_tiny_llama(output, steps=steps, progress=True)
+    _emit({"path": str(out), "files": sorted(p.name for p in out.iterdir())}, as_json, "tiny model")
+
+
+@app.command()
+def fetch(source: Annotated[str, typer.Argument(help="file://DIR, s3://BUCKET/PREFIX or hf://ORG/NAME@REV")],
+          name: Annotated[str, typer.Option(help="Model line name (store prefix).")],
+          allow_pickle: Annotated[bool, typer.Option(help="Accept *.bin/*.pt checkpoints.")] = False,
+          as_json: JsonOpt = False) -> None:
+    """Fetch weights into the artifact store, verifying every sha256."""
+    from npuflow.config import SourceConfig
+    from npuflow.fetch import fetch as do_fetch
+    from npuflow.settings import Settings
+    from npuflow.store import open_store
+
+    try:
+        src = SourceConfig(uri=source, allow_pickle=allow_pickle)
+    except ValueError as err:
+        raise ConfigError(f"bad SOURCE: {err}") from None
+    art = do_fetch(src, name, open_store(Settings().resolved_store_uri))
+    _emit({**art.model_dump(exclude={"hf_config"}), "cache_hit": art.cache_hit}, as_json, "fetch")
+
+
+@app.command()
+def quantize(source: Annotated[Path, typer.Argument(help="HF model directory (safetensors).")],
+             output: Annotated[Path, typer.Option("--output", help="Directory to create.")],
+             scheme: Annotated[str, typer.Option(help="Quantization scheme: w8a16.")] = "w8a16",
+             fmt: Annotated[str, typer.Option("--format", help="Output format: native.")] = "native",
+             as_json: JsonOpt = False) -> None:
+    """Quantize a model directory shard by shard; OUTPUT appears only when complete."""
+    import shutil
+    import tempfile
+
+    from npuflow.config import QuantizationConfig
+    from npuflow.quantize import quantize_dir
+
+    try:
+        cfg = QuantizationConfig(scheme=scheme, format=fmt)
+    except ValueError as err:
+        raise ConfigError(f"bad option: {err}") from None
+    if output.exists():
+        raise ConfigError(f"{output} already exists; choose a new directory")
+    if not source.is_dir():
+        raise ConfigError(f"{source} is not a directory")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.tmp-") as tmp:
+        qm = quantize_dir(source, Path(tmp), cfg)
+        shutil.move(tmp, output)
+        Path(tmp).mkdir()  # so the context manager's cleanup finds its directory
+    _emit({"output": str(output), "scheme": qm["scheme"], "files": qm["files"]}, as_json, "quantize")
+
+
+@app.command()
+def convert(artifact: Annotated[Path, typer.Argument(help="Quantized model directory (quant_manifest.json).")],
+            device: Annotated[str, typer.Option(help="cpu, cuda or npu.")] = "cpu",
+            dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+            as_json: JsonOpt = False) -> None:
+    """Load a quantized model on DEVICE and run the smoke forward pass."""
+    from npuflow.backends import get_backend
+    from npuflow.convert import smoke_test
+    from npuflow.runtime import DTYPES, load_quantized, resolve_dtype
+
+    backend = get_backend(device)  # fails before any work when the device is missing
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
+    dt = resolve_dtype(dtype, backend)
+    model = load_quantized(artifact, backend, dt)
+    fp = smoke_test(model, model.config.vocab_size, backend.device())
+    _emit({"device": device, "device_name": backend.device_name(), "dtype": str(dt), "kernels": backend.kernels(dt),
+           "smoke_logits_sha256": fp, "versions": backend.versions()}, as_json, "convert")
+
+
+@app.command()
+def benchmark(model: Annotated[Path, typer.Argument(help="Quantized model directory.")],
+              device: Annotated[str, typer.Option(help="cpu, cuda or npu.")] = "cpu",
+              dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+              batch_size: Annotated[int, typer.Option()] = 1,
+              input_len: Annotated[int, typer.Option()] = 128,
+              output_len: Annotated[int, typer.Option()] = 32,
+              iterations: Annotated[int, typer.Option()] = 5,
+              json_file: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None) -> None:
+    """Time TTFT and TPOT of a quantized model on DEVICE in this process."""
+    from npuflow.benchmark import measure
+    from npuflow.config import BenchmarkConfig
+
+    try:
+        cfg = BenchmarkConfig(batch_size=batch_size, input_len=input_len, output_len=output_len, iterations=iterations)
+    except ValueError as err:
+        raise ConfigError(f"bad option: {err}") from None
+    result = measure(model, device, dtype, cfg)
+    s = result["scenario"]
+    flat = {"ttft_ms_p50": s["ttft_ms"]["p50"], "ttft_ms_p90": s["ttft_ms"]["p90"], "tpot_ms_p50": s["tpot_ms"]["p50"],
+            "tpot_ms_p90": s["tpot_ms"]["p90"], "decode_tokens_per_s": s["decode_tokens_per_s"],
+            "throughput_tokens_per_s": s["throughput_tokens_per_s"], "peak_memory_mb": result["peak_memory_mb"],
+            "energy": result["energy_note"], **result}
+    if json_file:
+        json_file.write_text(json.dumps(flat, indent=2))
+    _emit({k: v for k, v in flat.items() if k != "scenario"}, False, f"benchmark {s['name']}")
+
+
+@app.command()
+def models(name: Annotated[str, typer.Argument(help="Registered model name (the config's `name`).")],
+           as_json: JsonOpt = False) -> None:
+    """The registry's versions of NAME with their aliases and tags."""
+    from npuflow import registry
+    from npuflow.settings import Settings
+
+    c = registry.client(Settings().resolved_tracking_uri)
+    versions = c.search_model_versions(f"name='{name}'")
+    if not versions:
+        raise NpuflowError(f"no registered model {name!r} at {Settings().resolved_tracking_uri}")
+    by_version: dict[str, list[str]] = {}
+    for alias, v in registry.aliases(c, name).items():
+        by_version.setdefault(v, []).append(alias)
+    rows = {f"v{v.version}": {"aliases": sorted(by_version.get(str(v.version), [])), "gates": v.tags.get("gates"),
+                               "rollout": v.tags.get("rollout"), "artifact": v.tags.get("artifact_sha256", "")[:12]}
+            for v in sorted(versions, key=lambda v: int(v.version))}
+    _emit(rows, as_json, f"registry: {name}")
+
+
+def main() -> None:
+    """Entry point: NpuflowError -> one clear message and its exit code (2 bad input, 1 failed stage)."""
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "npuflow")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    _logging("--json" in sys.argv)
+    try:
+        app(standalone_mode=False)
+    except NpuflowError as err:
+        print(f"npuflow: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except (typer.Exit, SystemExit) as err:
+        sys.exit(getattr(err, "exit_code", getattr(err, "code", 0)))
+    except Exception as err:  # click usage errors
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

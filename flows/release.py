@@ -1,0 +1,72 @@
+"""The release flow: fetch -> quantize -> convert -> validate -> benchmark -> register -> promote."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.transactions import transaction
+from pydantic import BaseModel
+
+from npuflow.config import RunConfig
+from npuflow.errors import GateFailedError
+from npuflow.settings import Settings
+from tasks.benchmark import benchmark_task
+from tasks.convert import convert_task
+from tasks.fetch import fetch_task
+from tasks.promote import promote_task
+from tasks.quantize import quantize_task
+from tasks.register import register_task
+from tasks.validate import validate_task
+
+
+class ReleaseResult(BaseModel):
+    name: str
+    version: str
+    registered_new_version: bool
+    decision: str  # promote | keep_champion | already_champion
+    reasons: list[str]
+    gates_passed: bool
+    cache_hits: dict[str, bool]  # stage -> found already published
+    metrics: dict[str, float]
+    store_uri: str
+    tracking_uri: str
+
+
+@flow(name="release", log_prints=True)
+def release(config: RunConfig) -> ReleaseResult:
+    """Release one model line: every stage's output is content-addressed and cached in the store."""
+    settings = Settings()
+    store, cache = settings.resolved_store_uri, settings.cache_dir
+    log = get_run_logger()
+    log.info("release %s from %s -> store %s, tracking %s", config.name, config.source.uri, store,
+             settings.resolved_tracking_uri)
+
+    # ---- build and measure ----
+    model = fetch_task(config.source, config.name, store)
+    quantized = quantize_task(model, config.quantization, store, cache)
+    deployable = convert_task(quantized, config.convert, store, cache)
+    validation = validate_task(model, deployable, config.validation, store, cache)
+    bench = benchmark_task(deployable, config.benchmark, store, cache) if validation.passed else None
+
+    # ---- registry: aliases are put back if anything in here fails part-way ----
+    with transaction():
+        version = register_task(config, model, quantized, deployable, validation, bench)
+        decision = promote_task(version, config.promotion)
+
+    hits = {"fetch": model.cache_hit, "quantize": quantized.cache_hit, "convert": deployable.cache_hit,
+            "validate": validation.cache_hit, "register": not version.newly_registered}
+    if bench is not None:
+        hits["benchmark"] = bench.cache_hit
+    log.info("cache hits: %s", ", ".join(k for k, v in hits.items() if v) or "none")
+    if not validation.passed:
+        failed = {k: g for k, g in validation.gates.items() if not g.passed}
+        raise GateFailedError(
+            f"release stopped: {config.name} version {version.version} failed its gates ("
+            + "; ".join(f"{k} = {g.value:.4g}, must be {g.op} {g.threshold:g}" for k, g in failed.items())
+            + "); it is tagged gates=failed and was not promoted"
+        )
+    return ReleaseResult(
+        name=config.name, version=version.version, registered_new_version=version.newly_registered,
+        decision=decision.action, reasons=decision.reasons, gates_passed=validation.passed, cache_hits=hits,
+        metrics={**validation.metrics, **(bench.metrics if bench else {})}, store_uri=store,
+        tracking_uri=settings.resolved_tracking_uri,
+    )

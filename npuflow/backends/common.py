@@ -1,0 +1,22 @@
+"""Pieces the device backends share: library versions and the reference W8A16 matmul."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import torch
+
+
+def library_versions(*extra: str) -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    for dist in ("transformers", "safetensors", "npuflow", *extra):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def linear_w8a16_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = x @ (qweight * scale[:, None]).T; x (..., in), qweight int8 (out, in), scale (out,)."""
+    return torch.nn.functional.linear(x, qweight.to(x.dtype) * scale.to(x.dtype)[:, None])

@@ -1,0 +1,92 @@
+"""Ascend NPU backend (torch_npu 2.13.0, CANN 8.x): weight-quant batch matmul, NPU events, npu-smi."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+
+import torch
+
+from npuflow.backends.common import library_versions
+
+NAME = "npu"
+INSTALL_HINT = "install CANN 8.x, source its set_env.sh, then `pip install 'npuflow[npu]'` (torch_npu==2.13.0)"
+
+
+def unavailable() -> str | None:
+    if importlib.util.find_spec("torch_npu") is None:
+        return f"torch_npu is not installed; {INSTALL_HINT}"
+    try:
+        import torch_npu  # noqa: F401
+    except (ImportError, OSError) as err:  # e.g. libhccl.so missing: CANN absent or not sourced
+        return f"torch_npu not importable: {err}; {INSTALL_HINT}"
+    if not torch.npu.is_available():  # type: ignore[attr-defined]
+        return "torch_npu imports but finds no NPU (check `npu-smi info` and ASCEND_RT_VISIBLE_DEVICES)"
+    return None
+
+
+def device() -> torch.device:
+    return torch.device("npu")
+
+
+def device_name() -> str:
+    return torch.npu.get_device_name()  # type: ignore[attr-defined]
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 on Atlas A2/A3 (910B/910C); fp16 on inference cards (310P) that lack bf16 matmul."""
+    name = device_name()
+    return torch.float16 if "310" in name else torch.bfloat16
+
+
+def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """torch_npu.npu_weight_quant_batchmatmul: x (M, K), weight (K, N) int8, antiquant_scale (N,)."""
+    import torch_npu
+
+    rows = x.numel() // x.shape[-1]
+    y = torch_npu.npu_weight_quant_batchmatmul(
+        x.reshape(rows, x.shape[-1]), qweight.t(), antiquant_scale=scale.to(x.dtype)
+    )
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def kernels(dtype: torch.dtype) -> dict[str, str]:
+    return {"linear_w8a16": "torch_npu.npu_weight_quant_batchmatmul", "attention": "sdpa"}
+
+
+def synchronize() -> None:
+    torch.npu.synchronize()  # type: ignore[attr-defined]
+
+
+def now_ms() -> float:
+    import time
+
+    synchronize()
+    return time.perf_counter() * 1e3
+
+
+def reset_peak_memory() -> None:
+    torch.npu.reset_peak_memory_stats()  # type: ignore[attr-defined]
+
+
+def peak_memory_mb() -> float:
+    return torch.npu.max_memory_allocated() / 2**20  # type: ignore[attr-defined]
+
+
+def energy_joules() -> float | None:
+    return None  # npu-smi reports power, not energy: sampling it is the benchmark issue's work
+
+
+def energy_unavailable() -> str:
+    if shutil.which("npu-smi") is None:
+        return "not measured: npu-smi is not on PATH"
+    return "not measured: npu-smi power sampling is not wired in yet"
+
+
+def versions() -> dict[str, str]:
+    out = library_versions("torch_npu")
+    cann = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
+    if cann:
+        out["cann_home"] = cann
+    return out

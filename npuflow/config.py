@@ -1,0 +1,189 @@
+"""Run configuration: frozen pydantic models validated once at the edge, and load_config(path)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from npuflow.errors import ConfigError
+
+SOURCE_SCHEMES = ("file://", "s3://", "hf://")
+TEXT_SCHEMES = ("file://", "s3://", "builtin:")
+Device = Literal["cpu", "cuda", "npu"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceConfig(_Frozen):
+    """Where the published weights come from."""
+
+    uri: str  # file://PATH | s3://bucket/prefix | hf://org/name@revision
+    allow_pickle: bool = False  # accept *.bin / *.pt checkpoints (they can run code when loaded)
+    sha256: dict[str, str] = Field(default_factory=dict)  # pinned hashes: file name -> hex sha256
+    generate: Literal["tiny-llama"] | None = None  # build the demo model at a file:// uri if missing
+    token_env: str = "HF_TOKEN"  # environment variable holding the hub token (never the token itself)
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not v.startswith(SOURCE_SCHEMES):
+            raise ValueError(f"unknown source scheme in {v!r}; allowed: {', '.join(SOURCE_SCHEMES)}")
+        if v.startswith("hf://") and not re.fullmatch(r"hf://[\w.-]+/[\w.-]+(@[\w./-]+)?", v):
+            raise ValueError(f"{v!r} is not hf://ORG/NAME[@REVISION]")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, digest in v.items():
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"sha256 of {name!r} must be 64 lowercase hex characters")
+        return v
+
+    @model_validator(mode="after")
+    def _generate_needs_file(self) -> SourceConfig:
+        if self.generate and not self.uri.startswith("file://"):
+            raise ValueError("source.generate builds a local model: it needs a file:// uri")
+        return self
+
+
+class QuantizationConfig(_Frozen):
+    """Weight-only quantization of the linear layers."""
+
+    scheme: Literal["w8a16"] = "w8a16"  # int8 weights, symmetric, one scale per output channel
+    ignore: tuple[str, ...] = ("model.embed_tokens", "lm_head")  # fnmatch patterns kept in float
+    format: Literal["native"] = "native"  # safetensors + quant_manifest.json
+
+
+class ConvertConfig(_Frozen):
+    """The runtime target."""
+
+    device: Device = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the backend's default
+    graph: bool = False  # graph mode (torch.compile / torchair); eager when false
+
+
+class GateConfig(_Frozen):
+    """Quality gates against the unquantized reference; a failed gate stops the release."""
+
+    ppl_delta_pct_max: float = 1.0  # candidate perplexity at most this % above the reference
+    top1_agreement_min: float = Field(0.95, ge=0, le=1)  # fraction of positions whose argmax agrees
+    kl_divergence_max: float = Field(0.05, ge=0)  # mean KL(reference || candidate) per token, nats
+
+
+class ValidationConfig(_Frozen):
+    eval_text: str = "builtin:tiny-corpus"  # file://PATH | s3://bucket/key | builtin:tiny-corpus
+    seq_len: int = Field(128, ge=8)  # tokens per evaluation window
+    max_tokens: int = Field(8192, ge=64)  # evaluation tokens at most (the text is truncated)
+    batch_size: int = Field(8, ge=1)  # windows per forward pass
+    gates: GateConfig = GateConfig()
+
+    @field_validator("eval_text")
+    @classmethod
+    def _text_scheme(cls, v: str) -> str:
+        if not v.startswith(TEXT_SCHEMES):
+            raise ValueError(f"unknown eval_text scheme in {v!r}; allowed: {', '.join(TEXT_SCHEMES)}")
+        return v
+
+
+class BenchmarkConfig(_Frozen):
+    batch_size: int = Field(1, ge=1)  # sequences decoded together
+    input_len: int = Field(128, ge=1)  # prompt tokens
+    output_len: int = Field(32, ge=2)  # generated tokens, fixed (no early stop)
+    warmup: int = Field(2, ge=0)  # untimed runs first
+    iterations: int = Field(5, ge=1)  # timed runs at least
+    min_seconds: float = Field(0.0, ge=0)  # and keep running until this many seconds have passed
+
+
+class PromotionConfig(_Frozen):
+    """How much worse than the champion a candidate may be and still take over."""
+
+    ppl_regression_pct: float = Field(1.0, ge=0)  # ppl_candidate at most this % above the champion's
+    top1_drop_max: float = Field(0.01, ge=0)  # top1_agreement at most this much below the champion's
+    tpot_regression_pct: float = Field(25.0, ge=0)  # tpot_ms_p50 at most this % above the champion's
+
+
+class RunConfig(_Frozen):
+    """One release of one model line."""
+
+    name: str  # registered model name in MLflow (one per model line)
+    source: SourceConfig
+    quantization: QuantizationConfig = QuantizationConfig()
+    convert: ConvertConfig = ConvertConfig()
+    validation: ValidationConfig = ValidationConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    promotion: PromotionConfig = PromotionConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError("name must be letters, digits, '.', '_' or '-' (it keys the registry and store)")
+        return v
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at `loc` (for 'unknown key' messages)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel] = RunConfig) -> str:
+    """One message that names every bad field and what is allowed there."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key; allowed here: {', '.join(_allowed_keys(model, e['loc']))}"
+        elif e["type"] == "missing":
+            msg = "required but missing"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, origin: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {origin}:\n{format_validation_error(err)}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config; raises ConfigError naming each bad field."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (pass the path of a YAML run config, e.g. configs/tiny-llama-cpu.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p} is not valid YAML: {err}") from None
+    return parse_config(data, origin=str(p))
+
+
+def flatten(config: BaseModel) -> dict[str, str]:
+    """Dotted keys -> string values (MLflow params)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    walk("", config.model_dump(mode="json"))
+    return out

@@ -1,0 +1,200 @@
+"""MLflow tracking and model registry: one run per pipeline run, one version per distinct artifact."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+import npuflow
+from npuflow.artifacts import BenchmarkReport, Deployable, ModelArtifact, QuantizedArtifact, ValidationReport
+from npuflow.config import RunConfig, flatten
+
+log = logging.getLogger("npuflow.registry")
+
+CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"  # registry aliases
+
+
+class ModelVersion(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    version: str
+    aliases: list[str]
+    tags: dict[str, str]
+    run_id: str | None
+    newly_registered: bool = False
+
+
+def client(tracking_uri: str):
+    """An MlflowClient for tracking and registry at tracking_uri (sqlite file or server)."""
+    import logging as _logging
+
+    from mlflow import MlflowClient
+
+    _logging.getLogger("alembic").setLevel(_logging.WARNING)
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def experiment_id(c, name: str, artifact_location: str) -> str:
+    exp = c.get_experiment_by_name(f"npuflow/{name}")
+    return exp.experiment_id if exp else c.create_experiment(f"npuflow/{name}", artifact_location=artifact_location)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(Path(npuflow.__file__).parent), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10,
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def log_pipeline_run(
+    c,
+    exp_id: str,
+    config: RunConfig,
+    deployable: Deployable,
+    validation: ValidationReport,
+    benchmark: BenchmarkReport | None,
+    flow_run_id: str | None = None,
+) -> str:
+    """The MLflow run of one pipeline run: config as params, DESIGN.md metrics, reports as artifacts."""
+    tags = {
+        "npuflow.git_sha": git_sha(),
+        "npuflow.version": npuflow.__version__,
+        "device": deployable.device,
+        "device_name": deployable.device_name,
+        **{f"version.{k}": v for k, v in deployable.versions.items()},
+    }
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = flow_run_id
+    run = c.create_run(exp_id, tags=tags, run_name=f"{config.name}-{deployable.manifest_sha256[:8]}")
+    rid = run.info.run_id
+    from mlflow.entities import Metric, Param
+
+    params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
+    metrics = dict(validation.metrics)
+    if benchmark is not None:
+        metrics |= benchmark.metrics
+        for s in benchmark.scenarios:  # scenario variants carry a suffix: tpot_ms_p50.bs1_in128_out32
+            metrics |= {f"ttft_ms_p50.{s.name}": s.ttft_ms["p50"], f"tpot_ms_p50.{s.name}": s.tpot_ms["p50"]}
+    c.log_batch(rid, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()], params=params)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "validation.json").write_text(validation.model_dump_json(indent=2))
+        if benchmark is not None:
+            (d / "benchmark.json").write_text(benchmark.model_dump_json(indent=2))
+        (d / "config.json").write_text(config.model_dump_json(indent=2))
+        c.log_artifacts(rid, str(d), "reports")
+        dep = d / "deployable"
+        dep.mkdir()
+        (dep / "manifest.json").write_bytes(deployable.manifest_bytes())
+        (dep / "location.json").write_text(json.dumps({"uri": deployable.uri, "key": deployable.key}))
+        c.log_artifacts(rid, str(dep), "deployable")
+    c.set_terminated(rid)
+    return rid
+
+
+def _to_model(v, newly: bool = False) -> ModelVersion:
+    return ModelVersion(
+        name=v.name, version=str(v.version), aliases=list(v.aliases or []), tags=dict(v.tags or {}),
+        run_id=v.run_id, newly_registered=newly,
+    )
+
+
+def find_by_artifact(c, name: str, artifact_sha256: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = c.search_model_versions(f"name='{name}' and tags.artifact_sha256='{artifact_sha256}'")
+    except MlflowException:
+        return None
+    return _to_model(min(found, key=lambda v: int(v.version))) if found else None
+
+
+def register(
+    c,
+    run_id: str,
+    model: ModelArtifact,
+    quantized: QuantizedArtifact,
+    deployable: Deployable,
+    validation: ValidationReport,
+) -> ModelVersion:
+    """A model version for this deployable, unless the same artifact is registered already.
+
+    Tags follow DESIGN.md; the `candidate` alias moves to it only when its gates passed.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name, sha = deployable.name, deployable.manifest_sha256
+    existing = find_by_artifact(c, name, sha)
+    if existing is not None:
+        log.info("artifact %s… is already registered as %s version %s", sha[:12], name, existing.version)
+        return existing
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description=f"npuflow model line {name}")
+    gates = "passed" if validation.passed else "failed"
+    tags = {
+        "source_uri": model.source_uri,
+        "source_revision": model.source_revision or "",
+        "quant_scheme": quantized.scheme,
+        "format": quantized.format,
+        "device": deployable.device,
+        "artifact_sha256": sha,
+        "artifact_uri": deployable.uri,
+        "gates": gates,
+        "rollout": "registered",
+    }
+    v = c.create_model_version(name, source=f"runs:/{run_id}/deployable", run_id=run_id, tags=tags)
+    if validation.passed:
+        c.set_registered_model_alias(name, CANDIDATE, v.version)
+    log.info("registered %s version %s (gates %s)", name, v.version, gates)
+    return _to_model(c.get_model_version(name, v.version), newly=True)
+
+
+def by_alias(c, name: str, alias: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _to_model(c.get_model_version_by_alias(name, alias))
+    except MlflowException:
+        return None
+
+
+def run_metrics(c, version: ModelVersion) -> dict[str, float]:
+    return dict(c.get_run(version.run_id).data.metrics) if version.run_id else {}
+
+
+def aliases(c, name: str) -> dict[str, str]:
+    """alias -> version for the registered model (empty when it does not exist)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {k: str(v) for k, v in c.get_registered_model(name).aliases.items()}
+    except MlflowException:
+        return {}
+
+
+def set_aliases(c, name: str, wanted: dict[str, str | None]) -> None:
+    """Make each alias point at its version (None: remove it). Same call twice, same state."""
+    current = aliases(c, name)
+    for alias, version in wanted.items():
+        if version is None and alias in current:
+            c.delete_registered_model_alias(name, alias)
+        elif version is not None and current.get(alias) != version:
+            c.set_registered_model_alias(name, alias, version)
+
+
+def tag_version(c, version: ModelVersion, tags: dict[str, str]) -> None:
+    for k, v in tags.items():
+        c.set_model_version_tag(version.name, version.version, k, v)

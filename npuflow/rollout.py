@@ -1,0 +1,84 @@
+"""Promotion: a pure decision (candidate vs champion under the config's tolerances) and applying it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from npuflow.config import PromotionConfig
+from npuflow.registry import CHAMPION, PREVIOUS, ModelVersion, set_aliases, tag_version
+
+log = logging.getLogger("npuflow.rollout")
+
+
+class PromotionDecision(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    action: Literal["promote", "keep_champion", "already_champion"]
+    reasons: list[str]
+    candidate_version: str
+    champion_version: str | None
+
+    @property
+    def promote(self) -> bool:
+        return self.action == "promote"
+
+
+def decide_promotion(
+    candidate: ModelVersion,
+    candidate_metrics: dict[str, float],
+    champion: ModelVersion | None,
+    champion_metrics: dict[str, float],
+    tol: PromotionConfig,
+) -> PromotionDecision:
+    """Promote when the gates passed and, against a champion, no metric is worse beyond tolerance."""
+    champ_v = champion.version if champion else None
+
+    def decision(action, reasons):
+        return PromotionDecision(action=action, reasons=reasons, candidate_version=candidate.version,
+                                 champion_version=champ_v)
+
+    if candidate.tags.get("gates") != "passed":
+        return decision("keep_champion", ["validation gates failed: a failed candidate is never promoted"])
+    if champion is None:
+        return decision("promote", ["no champion yet: the first candidate that passes its gates takes over"])
+    if champion.version == candidate.version:
+        return decision("already_champion", [f"version {candidate.version} is already the champion"])
+    # (metric, which direction is worse, allowed slack, relative or absolute)
+    rules = [
+        ("ppl_candidate", "higher", tol.ppl_regression_pct, "pct"),
+        ("top1_agreement", "lower", tol.top1_drop_max, "abs"),
+        ("tpot_ms_p50", "higher", tol.tpot_regression_pct, "pct"),
+    ]
+    worse, notes = [], []
+    for metric, bad, slack, kind in rules:
+        new, old = candidate_metrics.get(metric), champion_metrics.get(metric)
+        if new is None or old is None:
+            notes.append(f"{metric}: not compared (missing on {'candidate' if new is None else 'champion'})")
+            continue
+        limit = (old * (1 + slack / 100) if bad == "higher" else old * (1 - slack / 100)) if kind == "pct" else (
+            old + slack if bad == "higher" else old - slack)
+        is_worse = new > limit if bad == "higher" else new < limit
+        line = f"{metric}: {new:.4g} vs champion {old:.4g} (limit {limit:.4g})"
+        (worse if is_worse else notes).append(line)
+    if worse:
+        return decision("keep_champion", [f"worse than champion v{champ_v} beyond tolerance: " + "; ".join(worse), *notes])
+    return decision("promote", [f"not worse than champion v{champ_v} beyond tolerance", *notes])
+
+
+def apply_promotion(c, candidate: ModelVersion, decision: PromotionDecision, approved_by: str) -> dict[str, str]:
+    """Record the decision on the version, then move the aliases; returns the aliases before."""
+    from npuflow.registry import aliases
+
+    before = aliases(c, candidate.name)
+    reason = " | ".join(decision.reasons)[:4900]
+    if decision.action == "promote":
+        tag_version(c, candidate, {"rollout": "promoted", "promotion_reason": reason, "approved_by": approved_by})
+        set_aliases(c, candidate.name, {PREVIOUS: decision.champion_version, CHAMPION: candidate.version}
+                    if decision.champion_version else {CHAMPION: candidate.version})
+        log.info("champion -> version %s (previous: %s)", candidate.version, decision.champion_version)
+    elif decision.action == "keep_champion":
+        tag_version(c, candidate, {"rollout": "rejected", "promotion_reason": reason})
+        log.info("champion stays version %s: %s", decision.champion_version, reason)
+    return before

@@ -1,0 +1,20 @@
+"""Task: make the quantized model ready for its device and smoke-test it there."""
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from npuflow.artifacts import Deployable, QuantizedArtifact
+from npuflow.config import ConvertConfig
+from npuflow.convert import convert
+from npuflow.store import open_store
+from tasks.common import outcome
+
+
+@task(name="convert", cache_policy=NONE)
+def convert_task(quantized: QuantizedArtifact, cfg: ConvertConfig, store_uri: str, cache_dir: Path) -> Deployable:
+    """Load for the configured device (refused early when its runtime is missing), one forward pass."""
+    d = convert(quantized, cfg, open_store(store_uri), cache_dir)
+    get_run_logger().info("convert: %s (%s on %s, %s)", outcome(d), d.runtime, d.device_name, d.dtype)
+    return d

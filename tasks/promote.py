@@ -1,0 +1,23 @@
+"""Task: decide (pure function) and apply the promotion of the candidate to champion."""
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from npuflow import registry
+from npuflow.config import PromotionConfig
+from npuflow.rollout import PromotionDecision, apply_promotion, decide_promotion
+from npuflow.settings import Settings
+
+
+@task(name="promote", cache_policy=NONE)
+def promote_task(version: registry.ModelVersion, tol: PromotionConfig) -> PromotionDecision:
+    """Move `champion` to the candidate when it is not worse beyond tolerance; else record why not."""
+    c = registry.client(Settings().resolved_tracking_uri)
+    champion = registry.by_alias(c, version.name, registry.CHAMPION)
+    decision = decide_promotion(
+        version, registry.run_metrics(c, version), champion,
+        registry.run_metrics(c, champion) if champion else {}, tol,
+    )
+    apply_promotion(c, version, decision, approved_by="npuflow promotion rules (no human approval configured)")
+    get_run_logger().info("promote: %s: %s", decision.action, "; ".join(decision.reasons))
+    return decision

@@ -1,0 +1,21 @@
+"""Task: quantize the fetched weights."""
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from npuflow.artifacts import ModelArtifact, QuantizedArtifact
+from npuflow.config import QuantizationConfig
+from npuflow.quantize import quantize
+from npuflow.store import open_store
+from tasks.common import IO_RETRY_DELAYS, outcome, retry_io_only
+
+
+@task(name="quantize", retries=2, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only,
+      cache_policy=NONE)
+def quantize_task(model: ModelArtifact, cfg: QuantizationConfig, store_uri: str, cache_dir: Path) -> QuantizedArtifact:
+    """Weight-only quantization, streamed shard by shard."""
+    q = quantize(model, cfg, open_store(store_uri), cache_dir)
+    get_run_logger().info("quantize: %s (%s, %.2f MB)", outcome(q), q.scheme, q.size_bytes / 1e6)
+    return q

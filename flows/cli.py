@@ -48,6 +48,9 @@ def run(config: Annotated[Path, typer.Argument(help="YAML run config, e.g. confi
     from npuflow.config import load_config
 
     cfg = load_config(config)  # bad config: exit 2 before anything is started or written
+    from npuflow.backends import get_backend
+
+    get_backend(cfg.convert.device)  # a missing device runtime: exit 2 before any work
     from flows.release import release
 
     result = release(cfg)

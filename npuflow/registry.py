@@ -41,7 +41,7 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def experiment_id(c, name: str, artifact_location: str) -> str:
+def experiment_id(c, name: str, artifact_location: str | None) -> str:
     exp = c.get_experiment_by_name(f"npuflow/{name}")
     return exp.experiment_id if exp else c.create_experiment(f"npuflow/{name}", artifact_location=artifact_location)
 

@@ -43,8 +43,11 @@ class Settings(BaseSettings):
         return self.home_dir / "cache"
 
     @property
-    def mlflow_artifact_location(self) -> str:
-        """Where MLflow run artifacts go: beside the pipeline's artifacts."""
+    def mlflow_artifact_location(self) -> str | None:
+        """Where MLflow run artifacts go: beside the pipeline's artifacts in S3; a tracking server's
+        own default (None) when the store is local to this machine; else <home>/mlartifacts."""
         if self.resolved_store_uri.startswith("s3://"):
             return self.resolved_store_uri.rstrip("/") + "/mlflow"
+        if self.resolved_tracking_uri.startswith(("http://", "https://", "databricks")):
+            return None
         return (self.home_dir / "mlartifacts").as_uri()

@@ -1,0 +1,27 @@
+# Everything installs into .venv from pyproject.toml; targets re-install only when it changes.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+setup: $(STAMP)
+
+demo: setup  ## build the demo model on first use and run the release pipeline on CPU
+	$(BIN)/npuflow run configs/tiny-llama-cpu.yaml
+
+test: setup lint  ## unit + integration tests (real Prefect, MLflow, S3 over HTTP)
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check npuflow tasks flows tests
+
+clean:
+	rm -rf .npuflow .pytest_cache .ruff_cache

@@ -1,0 +1,133 @@
+"""The release flow end to end through real Prefect, real MLflow (sqlite) and S3 over HTTP."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import boto3
+import pytest
+
+from npuflow import registry
+from npuflow.config import parse_config
+from npuflow.errors import GateFailedError, IntegrityError
+from npuflow.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+REQUIRED_METRICS = {
+    "ppl_reference", "ppl_candidate", "ppl_delta_pct", "top1_agreement", "kl_divergence",
+    "ttft_ms_p50", "tpot_ms_p50", "decode_tokens_per_s", "peak_memory_mb", "model_size_mb",
+}
+
+
+def make_config(source: str, **sections):
+    """A demo-like config, with a shorter evaluation and benchmark so the suite stays quick."""
+    data = {
+        "name": "tiny-llama",
+        "source": {"uri": source},
+        "validation": {"max_tokens": 2048, "seq_len": 128},
+        "benchmark": {"input_len": 32, "output_len": 8, "warmup": 1, "iterations": 3},
+    }
+    for k, v in sections.items():
+        data[k] = {**data.get(k, {}), **v}
+    return parse_config(data)
+
+
+def mlflow_client():
+    return registry.client(Settings().resolved_tracking_uri)
+
+
+def test_release_registers_champion_then_second_run_is_all_cache_hits(
+    prefect_harness, npuflow_home, tiny_source
+):
+    from flows.release import release
+
+    cfg = make_config(tiny_source.as_uri())
+    first = release(cfg)
+    assert first.registered_new_version and first.decision == "promote" and first.gates_passed
+    assert not any(first.cache_hits.values())
+
+    db = npuflow_home / "mlflow.db"
+    assert db.is_file()
+    c = mlflow_client()
+    champion = registry.by_alias(c, "tiny-llama", registry.CHAMPION)
+    assert champion is not None and champion.version == first.version
+    assert REQUIRED_METRICS <= set(registry.run_metrics(c, champion))
+    for tag in ("source_uri", "quant_scheme", "format", "device", "artifact_sha256", "gates", "rollout"):
+        assert champion.tags.get(tag), f"version tag {tag} missing"
+    assert champion.tags["gates"] == "passed" and champion.tags["rollout"] == "promoted"
+    # the sqlite file itself holds the alias (what `mlflow ui` shows)
+    with sqlite3.connect(db) as con:
+        assert ("champion", int(first.version)) in con.execute("select alias, version from registered_model_aliases").fetchall()
+
+    second = release(cfg)
+    assert second.version == first.version and not second.registered_new_version
+    assert second.decision == "already_champion"
+    assert all(second.cache_hits.values()), second.cache_hits
+    assert len(c.search_model_versions("name='tiny-llama'")) == 1
+
+
+def test_sha256_mismatch_fails_fetch_and_registers_nothing(prefect_harness, npuflow_home, tiny_source):
+    from flows.release import release
+
+    weights = tiny_source / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte; SHA256SUMS still lists the original hash
+    weights.write_bytes(bytes(data))
+
+    with pytest.raises(IntegrityError, match=r"model\.safetensors .*does not match its sha256"):
+        release(make_config(tiny_source.as_uri()))
+    assert mlflow_client().search_registered_models() == []
+    store = npuflow_home / "artifacts"
+    assert not list(store.rglob("manifest.json")) if store.exists() else True
+
+
+def test_failed_gate_is_not_promoted_and_champion_is_unchanged(prefect_harness, npuflow_home, tiny_source):
+    from flows.release import release
+
+    champion = release(make_config(tiny_source.as_uri()))
+    # a different artifact (embeddings and lm_head quantized too) held to a gate it cannot meet
+    strict = make_config(
+        tiny_source.as_uri(),
+        quantization={"ignore": []},
+        validation={"gates": {"kl_divergence_max": 0.0}},
+    )
+    with pytest.raises(GateFailedError, match="kl_divergence"):
+        release(strict)
+
+    c = mlflow_client()
+    assert registry.by_alias(c, "tiny-llama", registry.CHAMPION).version == champion.version
+    versions = {v.version: v for v in c.search_model_versions("name='tiny-llama'")}
+    assert len(versions) == 2
+    failed = next(v for k, v in versions.items() if k != champion.version)
+    assert failed.tags["gates"] == "failed" and failed.tags["rollout"] == "rejected"
+    assert "gates failed" in failed.tags["promotion_reason"]
+    assert registry.by_alias(c, "tiny-llama", registry.CANDIDATE).version == champion.version
+
+
+def test_s3_store_and_s3_source_put_every_artifact_in_the_bucket(
+    prefect_harness, npuflow_home, tiny_source, s3_env, monkeypatch
+):
+    from flows.release import release
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="upstream")
+    s3.create_bucket(Bucket="npuflow")
+    for f in sorted(tiny_source.iterdir()):
+        s3.upload_file(str(f), "upstream", f"tiny-llama/{f.name}")
+    monkeypatch.setenv("NPUFLOW_STORE_URI", "s3://npuflow/team-a")
+
+    result = release(make_config("s3://upstream/tiny-llama"))
+    assert result.decision == "promote"
+
+    keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="npuflow") for o in p.get("Contents", [])]
+    manifests = {k.split("/")[3] for k in keys if k.endswith("/manifest.json") and k.startswith("team-a/models/")}
+    assert manifests == {"source", "quantized", "deployable", "validation", "benchmark"}
+    sources = [k for k in keys if k.startswith("team-a/models/tiny-llama/source/")]
+    assert {Path(k).name for k in sources} >= {"config.json", "model.safetensors", "manifest.json"}
+    assert any(k.startswith("team-a/mlflow/") and k.endswith("reports/validation.json") for k in keys)
+    assert not (npuflow_home / "artifacts").exists(), "nothing may land in the local store"
+    # the registered version points at the artifact in the bucket
+    champion = registry.by_alias(mlflow_client(), "tiny-llama", registry.CHAMPION)
+    assert champion.tags["artifact_uri"].startswith("s3://npuflow/team-a/models/tiny-llama/deployable/")

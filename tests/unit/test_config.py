@@ -1,0 +1,225 @@
+"""Run config: every shipped YAML loads; bad configs fail at the edge naming the field and the valid choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from npuflow.config import RunConfig, flatten, load_config, parse_config
+from npuflow.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parents[2] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+MINIMAL = "name: t\nsource:\n  uri: file:///tmp/model\n"
+
+
+def _load_error(tmp_path: Path, text: str) -> ConfigError:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.exit_code == 2  # bad input, not a failed stage
+    return info.value
+
+
+# ---------------------------------------------------------------------------------------------- shipped configs
+
+
+def test_configs_are_shipped() -> None:
+    # guards the parametrized test below against silently running zero cases
+    assert "tiny-llama-cpu.yaml" in [p.name for p in CONFIGS]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    assert isinstance(cfg, RunConfig)
+    assert cfg.name == raw["name"]
+    assert cfg.source.uri == raw["source"]["uri"]
+    assert cfg.convert.device == raw["convert"]["device"]
+    # the resolved config round-trips through its JSON form (what MLflow and Prefect store)
+    assert parse_config(cfg.model_dump(mode="json")) == cfg
+
+
+def test_demo_config_values() -> None:
+    cfg = load_config(CONFIG_DIR / "tiny-llama-cpu.yaml")
+    assert cfg.source.generate == "tiny-llama"
+    assert cfg.quantization.ignore == ("model.embed_tokens", "lm_head")
+    assert cfg.validation.gates.top1_agreement_min == 0.95
+    assert cfg.benchmark.min_seconds == 0.0  # default filled in
+
+
+# ---------------------------------------------------------------------------------------------- bad configs
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "allowed"),
+    [
+        pytest.param(
+            MINIMAL + "bogus: 1\n",
+            "bogus: unknown key",
+            ["benchmark", "convert", "name", "promotion", "quantization", "source", "validation"],
+            id="unknown-top-level-key",
+        ),
+        pytest.param(
+            MINIMAL + "quantization:\n  bogus: 1\n",
+            "quantization.bogus: unknown key",
+            ["format", "ignore", "scheme"],
+            id="unknown-nested-key",
+        ),
+        pytest.param(
+            MINIMAL + "validation:\n  gates:\n    ppl_max: 1\n",
+            "validation.gates.ppl_max: unknown key",
+            ["kl_divergence_max", "ppl_delta_pct_max", "top1_agreement_min"],
+            id="unknown-key-two-levels-down",
+        ),
+        pytest.param(
+            MINIMAL + "benchmark:\n  batch_size: x\n",
+            "benchmark.batch_size:",
+            ["valid integer"],
+            id="wrong-type",
+        ),
+        pytest.param(
+            MINIMAL + "benchmark:\n  output_len: 1\n",
+            "benchmark.output_len:",
+            ["greater than or equal to 2"],
+            id="out-of-range",
+        ),
+        pytest.param("name: t\n", "source: required but missing", [], id="missing-source"),
+        pytest.param(
+            MINIMAL + "convert:\n  device: tpu\n", "convert.device:", ["'cpu'", "'cuda'", "'npu'"], id="unknown-device"
+        ),
+        pytest.param(
+            MINIMAL + "quantization:\n  scheme: w4a16\n", "quantization.scheme:", ["'w8a16'"], id="unknown-scheme"
+        ),
+        pytest.param(
+            "name: t\nsource:\n  uri: ftp://x\n",
+            "source.uri: unknown source scheme in 'ftp://x'",
+            ["file://", "s3://", "hf://"],
+            id="unknown-source-scheme",
+        ),
+        pytest.param(
+            "name: t\nsource:\n  uri: hf://only-a-name\n",
+            "source.uri:",
+            ["hf://ORG/NAME[@REVISION]"],
+            id="malformed-hf-uri",
+        ),
+        pytest.param(
+            MINIMAL + "  sha256:\n    model.safetensors: abc123\n",
+            "source.sha256: sha256 of 'model.safetensors'",
+            ["64 lowercase hex"],
+            id="short-sha256-pin",
+        ),
+        pytest.param(
+            MINIMAL + "  sha256:\n    model.safetensors: " + "AB" * 32 + "\n",
+            "source.sha256: sha256 of 'model.safetensors'",
+            ["64 lowercase hex"],
+            id="uppercase-sha256-pin",
+        ),
+        pytest.param(
+            "name: t\nsource:\n  uri: s3://bucket/model\n  generate: tiny-llama\n",
+            "source:",
+            ["needs a file:// uri"],
+            id="generate-needs-file-uri",
+        ),
+        pytest.param(
+            MINIMAL + "validation:\n  eval_text: http://example.com/t.txt\n",
+            "validation.eval_text: unknown eval_text scheme",
+            ["file://", "s3://", "builtin:"],
+            id="unknown-eval-text-scheme",
+        ),
+        pytest.param(
+            "name: has space\nsource:\n  uri: file:///tmp/model\n", "name:", ["letters, digits"], id="bad-name"
+        ),
+    ],
+)
+def test_bad_config_names_field_and_allowed_values(tmp_path: Path, text: str, field: str, allowed: list[str]) -> None:
+    message = str(_load_error(tmp_path, text))
+    assert str(tmp_path / "run.yaml") in message  # which file
+    assert f"  {field}" in message, message
+    for word in allowed:
+        assert word in message, f"{word!r} missing from: {message}"
+
+
+def test_every_bad_field_is_reported_at_once(tmp_path: Path) -> None:
+    message = str(_load_error(tmp_path, MINIMAL + "convert:\n  device: tpu\nbenchmark:\n  warmup: -1\nextra: 1\n"))
+    assert "convert.device:" in message
+    assert "benchmark.warmup:" in message
+    assert "extra: unknown key" in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.yaml") as info:
+        load_config(tmp_path / "nope.yaml")
+    assert info.value.exit_code == 2
+
+
+def test_directory_is_not_a_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path)
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    message = str(_load_error(tmp_path, "name: t\nsource: [unclosed\n"))
+    assert "is not valid YAML" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "got"),
+    [("- name: t\n- source: x\n", "got list"), ("just a string\n", "got str"), ("", "got NoneType")],
+    ids=["list", "scalar", "empty-file"],
+)
+def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, got: str) -> None:
+    message = str(_load_error(tmp_path, text))
+    assert "expected a mapping at the top level" in message and got in message
+
+
+# ---------------------------------------------------------------------------------------------- frozen + flatten
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_config(CONFIG_DIR / "tiny-llama-cpu.yaml")
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.name = "other"  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.convert.device = "npu"  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.validation.gates.top1_agreement_min = 0.0  # type: ignore[misc]
+    assert cfg.convert.device == "cpu"
+
+
+def test_flatten_gives_dotted_string_keys() -> None:
+    cfg = load_config(CONFIG_DIR / "tiny-llama-cpu.yaml")
+    flat = flatten(cfg)
+    assert flat["name"] == "tiny-llama"
+    assert flat["convert.device"] == "cpu"
+    assert flat["validation.gates.top1_agreement_min"] == "0.95"
+    assert flat["benchmark.output_len"] == "32"
+    assert flat["quantization.ignore"] == "model.embed_tokens,lm_head"
+    assert all(isinstance(v, str) for v in flat.values())
+    assert not any(isinstance(v, dict) for v in flat.values())
+    # every leaf of the config is there, and only leaves
+    assert {"source", "convert", "validation", "validation.gates"}.isdisjoint(flat)
+    leaves = {
+        "source.uri", "source.allow_pickle", "source.generate", "source.token_env",
+        "quantization.scheme", "quantization.format",
+        "convert.dtype", "convert.graph",
+        "validation.eval_text", "validation.seq_len", "validation.max_tokens", "validation.batch_size",
+        "validation.gates.ppl_delta_pct_max", "validation.gates.kl_divergence_max",
+        "benchmark.batch_size", "benchmark.input_len", "benchmark.warmup", "benchmark.iterations",
+        "benchmark.min_seconds",
+        "promotion.ppl_regression_pct", "promotion.top1_drop_max", "promotion.tpot_regression_pct",
+    }
+    assert leaves <= set(flat), leaves - set(flat)
+
+
+def test_flatten_sha256_pins_by_file_name(tmp_path: Path) -> None:
+    pin = "0" * 64
+    path = tmp_path / "run.yaml"
+    path.write_text(MINIMAL + f"  sha256:\n    model.safetensors: '{pin}'\n")
+    assert flatten(load_config(path))["source.sha256.model.safetensors"] == pin

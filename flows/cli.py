@@ -54,7 +54,26 @@ def run(config: Annotated[Path, typer.Argument(help="YAML run config, e.g. confi
     from flows.release import release
 
     result = release(cfg)
-    _emit(result.model_dump(), as_json, f"release {result.name}: version {result.version}, {result.decision}")
+    if as_json:
+        _emit(result.model_dump(), True, "")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    stages = Table(title=f"release {result.name}: version {result.version} -> {result.decision}")
+    stages.add_column("stage")
+    stages.add_column("result")
+    for stage, hit in result.cache_hits.items():
+        stages.add_row(stage, "cache hit" if hit else ("registered" if stage == "register" else "ran"))
+    metrics = Table(title="metrics (MLflow names)")
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    for k, v in result.metrics.items():
+        metrics.add_row(k, f"{v:.6g}")
+    console = Console()
+    console.print(stages, metrics)
+    console.print("why: " + "; ".join(result.reasons))
+    console.print(f"registry: {result.tracking_uri}   artifacts: {result.store_uri}")
 
 
 # ---- stages on their own ----------------------------------------------------------------------

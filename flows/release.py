@@ -53,9 +53,10 @@ def release(config: RunConfig) -> ReleaseResult:
         decision = promote_task(version, config.promotion)
 
     hits = {"fetch": model.cache_hit, "quantize": quantized.cache_hit, "convert": deployable.cache_hit,
-            "validate": validation.cache_hit, "register": not version.newly_registered}
+            "validate": validation.cache_hit}
     if bench is not None:
         hits["benchmark"] = bench.cache_hit
+    hits["register"] = not version.newly_registered
     log.info("cache hits: %s", ", ".join(k for k, v in hits.items() if v) or "none")
     if not validation.passed:
         failed = {k: g for k, g in validation.gates.items() if not g.passed}

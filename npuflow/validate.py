@@ -126,6 +126,7 @@ def validate(
     dtype = DTYPES[deployable.dtype]
     ref_dtype = torch.float32 if deployable.device == "cpu" else dtype
     tokenizer = load_tokenizer(ref_dir)
+    tokenizer.model_max_length = 1 << 62  # the text is cut into windows below, not fed whole
     windows = make_windows(tokenizer(text)["input_ids"], cfg.seq_len, cfg.max_tokens)
     log.info("scoring %d windows of %d tokens (reference %s, candidate %s)", windows.shape[0], cfg.seq_len,
              ref_dtype, dtype)

@@ -40,7 +40,7 @@ def _free_port() -> int:
 def s3_endpoint(tmp_path_factory):
     """moto's standalone S3 server in its own process on 127.0.0.1 and a free port."""
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
     )

@@ -154,7 +154,7 @@ def load_manifest(store: Store, key: str, cls: type[M]) -> M | None:
     try:
         data = json.loads(store.read_bytes(mkey))
         return cls.model_validate({**data, "uri": store.url(key)}).model_copy(update={"cache_hit": True})
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise IntegrityError(
             f"corrupt manifest {store.url(mkey)}: {err}; delete that prefix and re-run the stage"
         ) from None

@@ -51,15 +51,15 @@ def summarize(values: list[float]) -> dict[str, float]:
 def timed_generation(model, backend, prompt: torch.Tensor, output_len: int) -> tuple[float, list[float], float]:
     """Greedy decode of exactly output_len tokens; returns (ttft_ms, per-step decode ms, end-to-end ms)."""
     t0 = backend.now_ms()
-    out = model(prompt, use_cache=True)  # prefill: (B, T_in) -> logits (B, T_in, V)
+    out = model(prompt, use_cache=True)  # prefill: (B, T_in) -> logits (B, T_in, V), KV cache
     token = out.logits[:, -1:].argmax(-1)  # (B, 1)
     t1 = backend.now_ms()
     steps = []
-    cache = out.past_key_values
+    cache = out.cache
     for _ in range(output_len - 1):
         s = backend.now_ms()
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(token, cache=cache, use_cache=True)
+        cache = out.cache
         token = out.logits[:, -1:].argmax(-1)
         steps.append(backend.now_ms() - s)
     return t1 - t0, steps, backend.now_ms() - t0
@@ -71,7 +71,7 @@ def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tenso
     out = model(prompt, use_cache=True)
     tokens = [out.logits[:, -1:].argmax(-1)]
     for _ in range(new_tokens - 1):
-        out = model(tokens[-1], past_key_values=out.past_key_values, use_cache=True)
+        out = model(tokens[-1], cache=out.cache, use_cache=True)
         tokens.append(out.logits[:, -1:].argmax(-1))
     return torch.cat(tokens, dim=1)
 

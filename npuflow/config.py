@@ -168,7 +168,7 @@ def load_config(path: str | Path) -> RunConfig:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p} (pass the path of a YAML run config, e.g. configs/tiny-llama-cpu.yaml)")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_bytes())  # bytes: a bad encoding is a YAMLError too
     except yaml.YAMLError as err:
         raise ConfigError(f"{p} is not valid YAML: {err}") from None
     return parse_config(data, origin=str(p))
@@ -184,6 +184,8 @@ def flatten(config: BaseModel) -> dict[str, str]:
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
             out[prefix] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        if isinstance(value, dict) and not value and prefix:
+            out[prefix] = "{}"
 
     walk("", config.model_dump(mode="json"))
     return out

@@ -148,7 +148,8 @@ def quantize_dir(model_dir: Path, out_dir: Path, cfg: QuantizationConfig) -> dic
         log.info("quantized %s (%d tensors)", shard, len(out))
         del out
     if index is not None:
-        (out_dir / INDEX).write_text(json.dumps({"metadata": index.get("metadata", {}), "weight_map": weight_map}, indent=2))
+        total = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))  # bytes, as HF writes it
+        (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     for p in model_dir.iterdir():  # config, tokenizer, generation files carried over unchanged
         if p.is_file() and not p.name.endswith(".safetensors") and p.name not in (INDEX, "SHA256SUMS"):
             shutil.copy2(p, out_dir / p.name)

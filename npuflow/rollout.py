@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -59,7 +60,7 @@ def decide_promotion(
             continue
         limit = (old * (1 + slack / 100) if bad == "higher" else old * (1 - slack / 100)) if kind == "pct" else (
             old + slack if bad == "higher" else old - slack)
-        is_worse = new > limit if bad == "higher" else new < limit
+        is_worse = math.isnan(new) or (new > limit if bad == "higher" else new < limit)
         line = f"{metric}: {new:.4g} vs champion {old:.4g} (limit {limit:.4g})"
         (worse if is_worse else notes).append(line)
     if worse:

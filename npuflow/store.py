@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from npuflow.errors import ConfigError, NpuflowError, StoreError
 
@@ -97,7 +98,7 @@ class LocalStore:
             tmp.unlink(missing_ok=True)
 
     def list_keys(self, prefix: str) -> list[str]:
-        base = self._path(prefix.rstrip("/"))
+        base = self._path(prefix.strip("/")) if prefix.strip("/") else self.root
         if not base.is_dir():
             return []
         return sorted(
@@ -217,7 +218,7 @@ class S3Store:
     def list_keys(self, prefix: str) -> list[str]:
         """Store keys under prefix."""
         p = prefix.strip("/")
-        return [f"{p}/{k}" for k in self.list_sizes(p)]
+        return [f"{p}/{k}" if p else k for k in self.list_sizes(p)]
 
     def local_path(self, key: str) -> Path | None:
         return None
@@ -237,7 +238,7 @@ def open_store(uri: str) -> Store:
     if uri.startswith("s3://"):
         return S3Store(uri)
     if uri.startswith("file://"):
-        return LocalStore(Path(urlparse(uri).path))
+        return LocalStore(Path(url2pathname(urlparse(uri).path)))
     if "://" in uri:
         raise ConfigError(f"unsupported artifact store {uri!r}; use a directory, file:///DIR or s3://BUCKET/PREFIX")
     return LocalStore(Path(uri))

@@ -169,6 +169,19 @@ def test_invalid_yaml(tmp_path: Path) -> None:
     assert "is not valid YAML" in message
 
 
+def test_utf8_comments_are_fine(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_bytes((MINIMAL + "# café — 模型\n").encode())
+    assert load_config(path).name == "t"
+
+
+def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_bytes(MINIMAL.encode() + b"# caf\xe9 (latin-1)\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml"):
+        load_config(path)
+
+
 @pytest.mark.parametrize(
     ("text", "got"),
     [("- name: t\n- source: x\n", "got list"), ("just a string\n", "got str"), ("", "got NoneType")],

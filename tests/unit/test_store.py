@@ -130,11 +130,6 @@ def test_writes_leave_no_temporary_files(store: LocalStore, tmp_path: Path) -> N
     assert len(store.list_keys("p")) == 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: open_store does not percent-decode file:// URIs (store.py open_store: "
-    "LocalStore(Path(urlparse(uri).path))), so a path with a space opens a different directory",
-)
 def test_file_uri_with_space_opens_that_directory(tmp_path: Path) -> None:
     root = tmp_path / "my store"
     root.mkdir()
@@ -144,11 +139,6 @@ def test_file_uri_with_space_opens_that_directory(tmp_path: Path) -> None:
     assert open_store(s.uri).read_bytes("k") == b"x"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: LocalStore.list_keys('') raises ValueError (empty key) while S3Store.list_keys('') lists "
-    "the whole store; the two stores behind one interface disagree",
-)
 def test_list_keys_of_whole_store(store: LocalStore) -> None:
     store.write_bytes("a/x", b".")
     store.write_bytes("b/y", b".")

@@ -1,0 +1,123 @@
+"""Promotion decision (pure): candidate vs champion under the config's tolerances, with its reasons."""
+
+from __future__ import annotations
+
+import pytest
+
+from npuflow.config import PromotionConfig
+from npuflow.registry import ModelVersion
+from npuflow.rollout import decide_promotion
+
+TOL = PromotionConfig(ppl_regression_pct=1.0, top1_drop_max=0.01, tpot_regression_pct=25.0)
+CHAMP_METRICS = {"ppl_candidate": 10.0, "top1_agreement": 0.98, "tpot_ms_p50": 20.0}
+
+
+def _version(version: str, gates: str | None = "passed", aliases: tuple[str, ...] = ()) -> ModelVersion:
+    tags = {"gates": gates, "artifact_sha256": f"sha-{version}"} if gates else {}
+    return ModelVersion(name="tiny-llama", version=version, aliases=list(aliases), tags=tags, run_id=f"run-{version}")
+
+
+CANDIDATE = _version("3", aliases=("candidate",))
+CHAMPION = _version("2", aliases=("champion",))
+
+
+def _decide(candidate_metrics: dict[str, float], champion: ModelVersion | None = CHAMPION, champion_metrics=None):
+    return decide_promotion(
+        CANDIDATE, candidate_metrics, champion, CHAMP_METRICS if champion_metrics is None else champion_metrics, TOL
+    )
+
+
+@pytest.mark.parametrize("gates", ["failed", None])
+def test_gates_not_passed_keeps_champion(gates: str | None) -> None:
+    candidate = _version("3", gates=gates)
+    for champion in (CHAMPION, None):  # even with no champion to keep
+        d = decide_promotion(candidate, dict(CHAMP_METRICS), champion, CHAMP_METRICS, TOL)
+        assert d.action == "keep_champion" and not d.promote
+        assert "gates failed" in d.reasons[0]
+        assert d.candidate_version == "3"
+
+
+def test_no_champion_promotes() -> None:
+    d = _decide({"ppl_candidate": 99.0}, champion=None, champion_metrics={})
+    assert d.action == "promote" and d.promote
+    assert d.champion_version is None
+    assert "no champion yet" in d.reasons[0]
+
+
+def test_same_version_is_already_champion() -> None:
+    d = decide_promotion(CHAMPION, CHAMP_METRICS, CHAMPION, CHAMP_METRICS, TOL)
+    assert d.action == "already_champion" and not d.promote
+    assert d.reasons == ["version 2 is already the champion"]
+
+
+def test_worse_ppl_beyond_tolerance_keeps_champion() -> None:
+    d = _decide({**CHAMP_METRICS, "ppl_candidate": 10.2})  # +2% > 1%
+    assert d.action == "keep_champion"
+    assert d.champion_version == "2"
+    assert "worse than champion v2 beyond tolerance" in d.reasons[0]
+    assert "ppl_candidate: 10.2 vs champion 10 (limit 10.1)" in d.reasons[0]
+    assert "tpot_ms_p50" not in d.reasons[0]  # only the metrics that are worse are blamed
+
+
+def test_worse_ppl_within_tolerance_promotes() -> None:
+    d = _decide({**CHAMP_METRICS, "ppl_candidate": 10.05})  # +0.5% <= 1%
+    assert d.action == "promote" and d.promote
+    assert "not worse than champion v2 beyond tolerance" in d.reasons[0]
+
+
+def test_better_everywhere_promotes() -> None:
+    d = _decide({"ppl_candidate": 9.0, "top1_agreement": 0.99, "tpot_ms_p50": 10.0})
+    assert d.action == "promote"
+
+
+def test_tpot_regression_keeps_champion() -> None:
+    d = _decide({**CHAMP_METRICS, "tpot_ms_p50": 26.0})  # +30% > 25%
+    assert d.action == "keep_champion"
+    assert "tpot_ms_p50: 26 vs champion 20 (limit 25)" in d.reasons[0]
+
+
+def test_tpot_exactly_at_the_limit_promotes() -> None:
+    d = _decide({**CHAMP_METRICS, "tpot_ms_p50": 25.0})  # +25% == 25%: not beyond tolerance
+    assert d.action == "promote"
+
+
+def test_top1_drop_is_absolute() -> None:
+    assert _decide({**CHAMP_METRICS, "top1_agreement": 0.975}).action == "promote"  # -0.005
+    d = _decide({**CHAMP_METRICS, "top1_agreement": 0.96})  # -0.02 > 0.01
+    assert d.action == "keep_champion"
+    assert "top1_agreement" in d.reasons[0]
+
+
+def test_several_regressions_are_all_named() -> None:
+    d = _decide({"ppl_candidate": 20.0, "top1_agreement": 0.5, "tpot_ms_p50": 100.0})
+    assert d.action == "keep_champion"
+    for metric in ("ppl_candidate", "top1_agreement", "tpot_ms_p50"):
+        assert metric in d.reasons[0]
+
+
+def test_missing_metrics_are_noted_not_blocking() -> None:
+    d = _decide({"ppl_candidate": 10.0, "top1_agreement": 0.98})  # no benchmark on the candidate
+    assert d.action == "promote"
+    assert "tpot_ms_p50: not compared (missing on candidate)" in d.reasons
+    d = _decide(dict(CHAMP_METRICS), champion_metrics={"ppl_candidate": 10.0, "top1_agreement": 0.98})
+    assert d.action == "promote"
+    assert "tpot_ms_p50: not compared (missing on champion)" in d.reasons
+
+
+def test_missing_metric_does_not_hide_a_regression() -> None:
+    d = _decide({"ppl_candidate": 11.0})  # tpot and top1 missing, ppl +10%
+    assert d.action == "keep_champion"
+    assert "ppl_candidate" in d.reasons[0]
+    assert any("top1_agreement: not compared" in r for r in d.reasons[1:])
+
+
+def test_stricter_tolerance_changes_the_decision() -> None:
+    metrics = {**CHAMP_METRICS, "ppl_candidate": 10.05}
+    assert _decide(metrics).action == "promote"
+    strict = PromotionConfig(ppl_regression_pct=0.1, top1_drop_max=0.01, tpot_regression_pct=25.0)
+    assert decide_promotion(CANDIDATE, metrics, CHAMPION, CHAMP_METRICS, strict).action == "keep_champion"
+
+
+def test_nan_metric_is_worse_than_any_champion() -> None:
+    d = _decide({**CHAMP_METRICS, "ppl_candidate": float("nan")})
+    assert d.action == "keep_champion" and "ppl_candidate: nan" in d.reasons[0]

@@ -1,0 +1,167 @@
+"""Runtime and backends: the quantized model tracks the float one; device selection fails early and clearly."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from npuflow.backends import cpu, get_backend
+from npuflow.backends.common import linear_w8a16_reference
+from npuflow.config import QuantizationConfig
+from npuflow.errors import ConfigError, DeviceUnavailableError
+from npuflow.quantize import dequantize_per_channel_int8, quantize_dir, quantize_per_channel_int8
+from npuflow.runtime import W8A16Linear, W8Embedding, load_quantized, load_reference
+
+
+@pytest.fixture(scope="module")
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))  # (B, T)
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_random_llama_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    ref = load_reference(tiny_random_llama_dir, torch.device("cpu"))
+    with torch.inference_mode():
+        return ref(input_ids).logits  # (B, T, V)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(ids).logits.float()
+
+
+def _assert_close_to_reference(logits: torch.Tensor, ref: torch.Tensor) -> None:
+    diff = (logits - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert 0 < diff <= 0.05 * scale, (diff, scale)  # > 0: the weights really are int8
+    assert agree >= 0.9, agree
+
+
+# ---------------------------------------------------------------------------------------------- load_quantized
+
+
+def test_reference_is_the_saved_model(reference_logits: torch.Tensor, tiny_random_llama, input_ids) -> None:
+    torch.testing.assert_close(reference_logits, _logits(tiny_random_llama, input_ids))
+
+
+def test_load_quantized_tracks_the_float_model(quantized_llama_dir: Path, reference_logits, input_ids) -> None:
+    model = load_quantized(quantized_llama_dir, cpu, torch.float32)
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, W8A16Linear) and attn.q_proj.weight.dtype == torch.int8
+    assert isinstance(model.model.layers[1].mlp.down_proj, W8A16Linear)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32  # ignored: float
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])  # everything materialised
+    assert not model.training
+    _assert_close_to_reference(_logits(model, input_ids), reference_logits)
+
+
+def test_load_quantized_with_embeddings_and_head_quantized(
+    tiny_random_llama_dir: Path, tmp_path: Path, reference_logits, input_ids
+) -> None:
+    out = tmp_path / "q"
+    out.mkdir()
+    quantize_dir(tiny_random_llama_dir, out, QuantizationConfig(ignore=()))
+    model = load_quantized(out, cpu, torch.float32)
+    assert isinstance(model.model.embed_tokens, W8Embedding)
+    assert isinstance(model.lm_head, W8A16Linear)
+    _assert_close_to_reference(_logits(model, input_ids), reference_logits)
+
+
+def test_load_quantized_sharded_equals_single_file(
+    quantized_llama_dir: Path, tiny_random_llama_sharded_dir: Path, tmp_path: Path, input_ids
+) -> None:
+    out = tmp_path / "q"
+    out.mkdir()
+    quantize_dir(tiny_random_llama_sharded_dir, out, QuantizationConfig())
+    sharded = _logits(load_quantized(out, cpu, torch.float32), input_ids)
+    torch.testing.assert_close(sharded, _logits(load_quantized(quantized_llama_dir, cpu, torch.float32), input_ids))
+
+
+def test_load_quantized_bf16_decode_step(quantized_llama_dir: Path, input_ids) -> None:
+    """bf16 with one row per linear takes the aten int8 kernel on CPU; it must agree with fp32."""
+    ids = input_ids[:1, :1]  # (1, 1): a decode-sized step
+    fp32 = _logits(load_quantized(quantized_llama_dir, cpu, torch.float32), ids)
+    model = load_quantized(quantized_llama_dir, cpu, torch.bfloat16)
+    assert model.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.bfloat16
+    bf16 = _logits(model, ids)
+    assert (bf16 - fp32).abs().max().item() <= 0.05 * fp32.abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+def test_get_backend_cpu() -> None:
+    backend = get_backend("cpu")
+    assert backend is cpu and backend.device() == torch.device("cpu")
+    assert backend.default_dtype() == torch.float32
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="torch_npu is installed here")
+def test_get_backend_npu_unavailable_names_the_fix() -> None:
+    with pytest.raises(DeviceUnavailableError, match=r"device 'npu' is not available here: torch_npu .*CANN") as info:
+        get_backend("npu")
+    assert info.value.exit_code == 2
+    assert "pip install 'npuflow[npu]'" in str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_get_backend_cuda_unavailable() -> None:
+    with pytest.raises(DeviceUnavailableError, match=r"device 'cuda' is not available here: .*torch") as info:
+        get_backend("cuda")
+    assert info.value.exit_code == 2
+
+
+def test_get_backend_unknown_device_lists_valid_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown device 'tpu'; valid: cpu, cuda, npu") as info:
+        get_backend("tpu")
+    assert info.value.exit_code == 2
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+@pytest.fixture(scope="module")
+def int8_weight() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w (96, 64) fp32, q int8, scale (96,)) from a random weight."""
+    w = torch.randn(96, 64, generator=torch.Generator().manual_seed(2)) * 0.05
+    q, scale = quantize_per_channel_int8(w)
+    return w, q, scale
+
+
+def test_linear_w8a16_reference_matches_dequantized_linear(int8_weight) -> None:
+    _, q, scale = int8_weight
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(3))  # (B, T, in)
+    y = linear_w8a16_reference(x, q, scale)
+    assert y.shape == (2, 3, 96)
+    torch.testing.assert_close(y, F.linear(x, dequantize_per_channel_int8(q, scale)))
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (4, 64)], ids=["2d-1row", "3d-1row", "4rows"])
+def test_cpu_linear_w8a16_bf16_decode_matches_reference(int8_weight, shape: tuple[int, ...]) -> None:
+    _, q, scale = int8_weight
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    y = cpu.linear_w8a16(x.bfloat16(), q, scale)  # aten._weight_int8pack_mm
+    assert y.dtype == torch.bfloat16 and y.shape == (*shape[:-1], 96)
+    ref = linear_w8a16_reference(x, q, scale)  # fp32
+    torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
+
+
+def test_cpu_linear_w8a16_fp32_is_the_reference(int8_weight) -> None:
+    _, q, scale = int8_weight
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(cpu.linear_w8a16(x, q, scale), linear_w8a16_reference(x, q, scale))
+
+
+def test_w8a16_linear_module_adds_bias(int8_weight) -> None:
+    _, q, scale = int8_weight
+    layer = W8A16Linear(64, 96, bias=True, kernel=cpu.linear_w8a16)
+    bias = torch.randn(96)
+    layer.load_state_dict({"weight": q, "weight_scale": scale, "bias": bias}, assign=True)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), F.linear(x, dequantize_per_channel_int8(q, scale), bias))

@@ -53,12 +53,38 @@ class SourceConfig(_Frozen):
         return self
 
 
+class CalibrationConfig(_Frozen):
+    """Text that calibrated methods (GPTQ) run through the model to see real activations."""
+
+    text: str = "builtin:tiny-corpus-train"  # file://PATH | s3://bucket/key | builtin:tiny-corpus-train
+    samples: int = Field(32, ge=1)  # windows of seq_len tokens
+    seq_len: int = Field(128, ge=8)  # tokens per window
+
+    @field_validator("text")
+    @classmethod
+    def _text_scheme(cls, v: str) -> str:
+        if not v.startswith(TEXT_SCHEMES):
+            raise ValueError(f"unknown calibration text scheme in {v!r}; allowed: {', '.join(TEXT_SCHEMES)}")
+        return v
+
+
 class QuantizationConfig(_Frozen):
     """Weight-only quantization of the linear layers."""
 
-    scheme: Literal["w8a16"] = "w8a16"  # int8 weights, symmetric, one scale per output channel
+    scheme: Literal["w8a16", "w4a16"] = "w8a16"  # w8a16: int8 symmetric per channel; w4a16: int4 asym per group
+    group_size: Literal[32, 64, 128] | None = None  # w4a16 only: input channels per scale (default 128)
+    method: Literal["rtn", "gptq"] = "rtn"  # round-to-nearest, or GPTQ (calibrated, arXiv:2210.17323)
+    calibration: CalibrationConfig = CalibrationConfig()  # used by method gptq and by fallback auto
     ignore: tuple[str, ...] = ("model.embed_tokens", "lm_head")  # fnmatch patterns kept in float
-    format: Literal["native"] = "native"  # safetensors + quant_manifest.json
+    fallback: Literal["none", "auto"] = "none"  # auto: keep the most sensitive layers float until gates pass
+    fallback_budget: int = Field(4, ge=0)  # at most this many extra float layers (a fused group counts once)
+    format: Literal["native", "msmodelslim", "compressed-tensors"] = "native"
+
+    @model_validator(mode="after")
+    def _pairs(self) -> QuantizationConfig:
+        if self.scheme == "w8a16" and self.group_size is not None:
+            raise ValueError("group_size applies to w4a16 only: w8a16 has one scale per output channel")
+        return self
 
 
 class ConvertConfig(_Frozen):

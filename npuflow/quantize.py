@@ -1,4 +1,8 @@
-"""Quantize stage: weight-only integer quantization, streamed shard by shard from safetensors."""
+"""Quantize stage: weight-only integer quantization, streamed shard by shard from safetensors.
+
+Layered as gpt-fast's quantize.py: tensor primitives, then one handler per scheme (same methods),
+then one entry point (quantize_dir) that streams shards through a handler into a format writer.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,12 @@ import fnmatch
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import npuflow
 from npuflow.artifacts import (
@@ -27,6 +31,7 @@ from npuflow.artifacts import (
 )
 from npuflow.config import QuantizationConfig
 from npuflow.errors import ConfigError, NpuflowError
+from npuflow.formats import QuantizedWeight, make_writer
 from npuflow.store import Store
 
 log = logging.getLogger("npuflow.quantize")
@@ -34,13 +39,11 @@ log = logging.getLogger("npuflow.quantize")
 QUANT_MANIFEST = "quant_manifest.json"
 INDEX = "model.safetensors.index.json"
 LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM")  # same module names and weight layout
-# linear layers of a Llama decoder; each is (out_features, in_features)
-LINEAR_SUFFIXES = tuple(
-    f"{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-)
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# linear layers of a Llama decoder; each weight is (out_features, in_features)
+LINEAR_SUFFIXES = tuple(f"{m}.weight" for m in LINEAR_MODULES)
 HEAD_AND_EMBED = ("lm_head.weight", "model.embed_tokens.weight")  # quantized only when not ignored
-SCALE_SUFFIX = "weight_scale"
-CODE_VERSION = "quantize-1"  # bump when the output of a scheme changes, so old cache keys miss
+CODE_VERSION = "quantize-2"  # bump when the output of a scheme changes, so old cache keys miss
 
 
 # ---- primitives --------------------------------------------------------------------------------
@@ -58,108 +61,185 @@ def dequantize_per_channel_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.T
     return q.float() * scale.float()[:, None]
 
 
+def group_params_asym(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max parameters per group: scale, zero (out, in // group_size), float32."""
+    out_f, in_f = w.shape
+    g = w.float().reshape(out_f, in_f // group_size, group_size)  # (out, groups, g)
+    lo = g.amin(dim=-1).clamp(max=0.0)  # the range always contains 0, so 0 is exact
+    hi = g.amax(dim=-1).clamp(min=0.0)
+    qmax = 2**bits - 1
+    scale = ((hi - lo) / qmax).clamp(min=1e-12)
+    zero = torch.round(-lo / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def quantize_with_params(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """q = clamp(round(w / s) + z, 0, 2^bits - 1) with per-group s, z (out, in // g) -> uint8 (out, in)."""
+    group = w.shape[1] // scale.shape[1]
+    s = scale.repeat_interleave(group, dim=1)
+    z = zero.repeat_interleave(group, dim=1)
+    return (torch.round(w.float() / s) + z).clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
+def quantize_group_asym(w: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
+    """Round-to-nearest asymmetric group quantization of w (out, in)."""
+    if w.shape[1] % group_size:
+        raise NpuflowError(f"group size {group_size} does not divide the input dimension {w.shape[1]}")
+    scale, zero = group_params_asym(w, bits, group_size)
+    return QuantizedWeight(quantize_with_params(w, scale, zero, bits), scale, zero, bits, group_size)
+
+
 # ---- handlers: one per scheme, same methods ------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class W8A16:
-    """int8 weights, symmetric, per output channel; activations stay in float (16-bit on devices)."""
+    """int8 weights, symmetric, one scale per output channel; activations stay 16-bit (float on CPU)."""
 
     group_size: int | None = None
     bits: int = 8
 
-    def quantize(self, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    def check(self, name: str, w: torch.Tensor) -> None:
+        pass
+
+    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
         q, scale = quantize_per_channel_int8(w)
-        return {name: q, name.removesuffix("weight") + SCALE_SUFFIX: scale}
+        return QuantizedWeight(q, scale, None, 8, None)
 
 
-SCHEMES = {"w8a16": W8A16}
-FORMATS = ("native",)
+@dataclass(frozen=True)
+class W4A16:
+    """int4 weights, asymmetric, one scale and zero point per group of input channels."""
+
+    group_size: int = 128
+    bits: int = 4
+
+    def check(self, name: str, w: torch.Tensor) -> None:
+        if w.shape[1] % self.group_size:
+            raise NpuflowError(
+                f"group size {self.group_size} does not divide the input dimension {w.shape[1]} of {name}; "
+                "choose a group size that divides every layer's input width (32, 64 or 128 for Llama)"
+            )
+
+    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
+        return quantize_group_asym(w, self.bits, self.group_size)
 
 
-def get_handler(scheme: str) -> W8A16:
-    try:
-        return SCHEMES[scheme]()
-    except KeyError:
-        raise ConfigError(f"invalid quantization scheme {scheme!r}; valid: {', '.join(SCHEMES)}") from None
+SCHEMES = {"w8a16": W8A16, "w4a16": W4A16}
+
+
+def get_handler(cfg: QuantizationConfig) -> W8A16 | W4A16:
+    if cfg.scheme not in SCHEMES:
+        raise ConfigError(f"invalid quantization scheme {cfg.scheme!r}; valid: {', '.join(SCHEMES)}")
+    return W4A16(group_size=cfg.group_size or 128) if cfg.scheme == "w4a16" else W8A16()
 
 
 # ---- streaming over shards -----------------------------------------------------------------------
 
 
-@dataclass
-class _Plan:
-    shards: list[str]  # safetensors file names in order
-    index: dict | None  # the model.safetensors.index.json, when sharded
-    tensors: dict[str, dict] = field(default_factory=dict)  # name -> {dtype, shape, quantized}
-
-
-def _shards(model_dir: Path) -> tuple[list[str], dict | None]:
+def shard_names(model_dir: Path) -> list[str]:
+    """The checkpoint's safetensors files in order; every file the index names must exist."""
     if (model_dir / INDEX).is_file():
         index = json.loads((model_dir / INDEX).read_text())
         shards = sorted(set(index["weight_map"].values()))
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
             raise NpuflowError(f"{INDEX} names shards that are missing: {', '.join(missing)}; re-fetch the model")
-        return shards, index
+        return shards
     shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if len(shards) != 1:
         raise NpuflowError(
             f"{model_dir} has {len(shards)} safetensors files and no {INDEX}: expected one file or an index"
         )
-    return shards, None
+    return shards
 
 
-def _is_target(name: str, ignore: tuple[str, ...]) -> bool:
+def is_target(name: str, ignore: tuple[str, ...]) -> bool:
+    """A weight this run quantizes: a linear (or the head/embedding) whose module no pattern ignores."""
     if not (name.endswith(LINEAR_SUFFIXES) or name in HEAD_AND_EMBED):
         return False
     module = name.removesuffix(".weight")
     return not any(fnmatch.fnmatch(module, pat) or fnmatch.fnmatch(name, pat) for pat in ignore)
 
 
-def quantize_dir(model_dir: Path, out_dir: Path, cfg: QuantizationConfig) -> dict:
-    """Quantize model_dir into out_dir, one shard in memory at a time; returns the quant manifest."""
-    hf_config = json.loads((model_dir / "config.json").read_text())
+def check_llama(hf_config: dict) -> None:
     archs = hf_config.get("architectures") or []
     if not set(archs) & set(LLAMA_FAMILY):
         raise NpuflowError(
             f"architecture {archs or 'unknown'} is not Llama-family; supported: {', '.join(LLAMA_FAMILY)}"
         )
-    handler = get_handler(cfg.scheme)
-    if cfg.format not in FORMATS:
-        raise ConfigError(f"invalid format {cfg.format!r}; valid: {', '.join(FORMATS)}")
-    shards, index = _shards(model_dir)
+
+
+def expected_shapes(hf_config: dict) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear suffix from config.json, to catch shards that do not match it."""
+    d, ffn = hf_config["hidden_size"], hf_config["intermediate_size"]
+    heads = hf_config["num_attention_heads"]
+    head_dim = hf_config.get("head_dim") or d // heads
+    kv = hf_config.get("num_key_value_heads") or heads
+    return {
+        "q_proj.weight": (heads * head_dim, d), "k_proj.weight": (kv * head_dim, d),
+        "v_proj.weight": (kv * head_dim, d), "o_proj.weight": (d, heads * head_dim),
+        "gate_proj.weight": (ffn, d), "up_proj.weight": (ffn, d), "down_proj.weight": (d, ffn),
+    }
+
+
+# Calibrated methods give the quantized weight of a linear by name (None: quantize it by rounding).
+Precomputed = Mapping[str, QuantizedWeight] | Callable[[str], QuantizedWeight | None]
+
+
+def quantize_dir(
+    model_dir: Path, out_dir: Path, cfg: QuantizationConfig, precomputed: Precomputed | None = None,
+    float_layers: frozenset[str] = frozenset(),
+) -> dict:
+    """Quantize model_dir into out_dir, one source shard in memory at a time; returns the quant manifest.
+
+    `float_layers`: extra module names kept in float (the sensitivity fallback).
+    """
+    hf_config = json.loads((model_dir / "config.json").read_text())
+    check_llama(hf_config)
+    handler = get_handler(cfg)
+    shapes = expected_shapes(hf_config)
+    writer = make_writer(cfg.format, out_dir, cfg.scheme, hf_config)
+    lookup = precomputed.get if isinstance(precomputed, Mapping) else precomputed
+    ignore = tuple(cfg.ignore) + tuple(float_layers)
     tensors: dict[str, dict] = {}
-    weight_map: dict[str, str] = {}
-    for shard in shards:
-        out: dict[str, torch.Tensor] = {}
+    for shard in shard_names(model_dir):
+        out: dict[str, torch.Tensor | QuantizedWeight] = {}
         with safe_open(model_dir / shard, framework="pt") as f:
             for name in f.keys():
                 t = f.get_tensor(name)
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise NpuflowError(f"tensor {name} in {shard} has NaN or Inf values; the checkpoint is corrupt")
-                pieces = handler.quantize(name, t) if _is_target(name, cfg.ignore) else {name: t.contiguous()}
-                for k, v in pieces.items():
-                    out[k] = v
-                    weight_map[k] = shard
-                    tensors[k] = {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape),
-                                  "quantized": k == name and len(pieces) > 1}
-        save_file(out, out_dir / shard, metadata={"format": "pt"})
+                suffix = ".".join(name.rsplit(".", 2)[-2:])
+                if suffix in shapes and tuple(t.shape) != shapes[suffix]:
+                    raise NpuflowError(
+                        f"tensor {name} in {shard} has shape {tuple(t.shape)} but config.json implies "
+                        f"{shapes[suffix]}: the shards do not belong to this config"
+                    )
+                if is_target(name, ignore):
+                    handler.check(name, t)
+                    qw = (lookup(name) if lookup else None) or handler.quantize(t)
+                    out[name] = qw
+                    tensors[name] = {"quantized": True, "dtype": f"int{qw.bits}", "shape": list(t.shape),
+                                     "bits": qw.bits, "group_size": qw.group_size, "source_dtype": str(t.dtype)[6:]}
+                else:
+                    out[name] = t
+                    tensors[name] = {"quantized": False, "dtype": str(t.dtype)[6:], "shape": list(t.shape)}
+        writer.add_shard(shard, out)
         log.info("quantized %s (%d tensors)", shard, len(out))
         del out
-    if index is not None:
-        total = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))  # bytes, as HF writes it
-        (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     for p in model_dir.iterdir():  # config, tokenizer, generation files carried over unchanged
         if p.is_file() and not p.name.endswith(".safetensors") and p.name not in (INDEX, "SHA256SUMS"):
             shutil.copy2(p, out_dir / p.name)
-    weight_files = sorted(p.name for p in out_dir.glob("*.safetensors"))
+    weight_files = writer.finish()
     manifest = {
         "format": cfg.format,
         "scheme": cfg.scheme,
+        "method": cfg.method,
         "group_size": handler.group_size,
         "bits": handler.bits,
         "ignore": list(cfg.ignore),
+        "float_layers": sorted(float_layers),
         "npuflow_version": npuflow.__version__,
         "tensors": tensors,
         "files": {n: e.sha256 for n, e in hash_dir(out_dir, weight_files).items()},
@@ -180,12 +260,12 @@ def quantize(model: ModelArtifact, cfg: QuantizationConfig, store: Store, cache_
         out = Path(tmp)
         qm = quantize_dir(src, out, cfg)
         files: dict[str, FileEntry] = hash_dir(out)
-        weights = sum(e.size for n, e in files.items() if n.endswith(".safetensors"))
+        weights = sum(files[n].size for n in qm["files"])
         artifact = QuantizedArtifact(
             uri=store.url(key), key=key, name=model.name, source_manifest_sha256=model.manifest_sha256,
             scheme=cfg.scheme, group_size=qm["group_size"], format=cfg.format, files=files,
             quantized_tensors=sum(t["quantized"] for t in qm["tensors"].values()),
-            float_tensors=sum(1 for k, t in qm["tensors"].items() if not t["quantized"] and not k.endswith(SCALE_SUFFIX)),
+            float_tensors=sum(not t["quantized"] for t in qm["tensors"].values()),
             size_bytes=weights,
         )
         log.info("publishing %s: %d quantized, %d float tensors, %.2f MB", artifact.uri,

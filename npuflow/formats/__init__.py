@@ -1,0 +1,87 @@
+"""Quantized checkpoint formats: one writer and one reader per format, the same interface for each.
+
+A writer takes the quantize stage's output shard by shard, so a format never needs the whole model:
+    writer = make_writer(fmt, out_dir, scheme, hf_config)
+    writer.add_shard("model-00001-of-00002.safetensors", {name: Tensor | QuantizedWeight, ...})
+    ...
+    files = writer.finish()   # index / description / config changes; returns the weight files written
+A reader gives back what the runtime loads: read_quantized(dir) -> (manifest, {name: Tensor | QuantizedWeight}).
+Non-weight files (config.json, tokenizer, generation config) are copied into out_dir before finish(),
+so a format that edits config.json (compressed-tensors) does it in finish().
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class QuantizedWeight:
+    """An integer weight with its dequantization parameters (unpacked: one integer per element).
+
+    bits 8, symmetric, per channel:  qweight int8 (out, in) in [-127, 127]; scale (out,); zero None
+        w ~= qweight * scale[:, None]
+    bits 4, asymmetric, per group g: qweight uint8 (out, in) in [0, 15]; scale, zero (out, in // g)
+        w ~= (qweight - zero) * scale, each scale/zero column covering g consecutive input channels
+    scale and zero are float32 (zero holds integers).
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group_size: int | None  # None: one scale per output channel
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.qweight.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 (out, in)."""
+        q = self.qweight.float()
+        if self.group_size is None:
+            zero = self.zero[:, None] if self.zero is not None else 0.0
+            return (q - zero) * self.scale.float()[:, None]
+        scale = self.scale.float().repeat_interleave(self.group_size, dim=1)  # (out, in)
+        zero = self.zero.float().repeat_interleave(self.group_size, dim=1) if self.zero is not None else 0.0
+        return (q - zero) * scale
+
+
+Shard = dict[str, "torch.Tensor | QuantizedWeight"]
+
+
+class Writer(Protocol):
+    def add_shard(self, shard: str, tensors: Shard) -> None: ...
+    def finish(self) -> list[str]: ...
+
+
+# format -> "module:Writer"; each module also has read(dir) -> {name: Tensor | QuantizedWeight}
+FORMATS = {
+    "native": "npuflow.formats.native",
+    "msmodelslim": "npuflow.formats.msmodelslim",
+    "compressed-tensors": "npuflow.formats.compressed_tensors",
+}
+
+
+def _module(fmt: str):
+    import importlib
+
+    from npuflow.errors import ConfigError
+
+    try:
+        return importlib.import_module(FORMATS[fmt])
+    except KeyError:
+        raise ConfigError(f"invalid format {fmt!r}; valid: {', '.join(FORMATS)}") from None
+
+
+def make_writer(fmt: str, out_dir: Path, scheme: str, hf_config: dict) -> Writer:
+    return _module(fmt).Writer(out_dir, scheme, hf_config)
+
+
+def read_quantized(model_dir: Path, fmt: str) -> Shard:
+    """Every tensor of a quantized checkpoint, integer weights as QuantizedWeight (unpacked)."""
+    return _module(fmt).read(model_dir)

@@ -95,7 +95,7 @@ def test_demo_config_values() -> None:
             MINIMAL + "convert:\n  device: tpu\n", "convert.device:", ["'cpu'", "'cuda'", "'npu'"], id="unknown-device"
         ),
         pytest.param(
-            MINIMAL + "quantization:\n  scheme: w4a16\n", "quantization.scheme:", ["'w8a16'"], id="unknown-scheme"
+            MINIMAL + "quantization:\n  scheme: w3a16\n", "quantization.scheme:", ["'w8a16'", "'w4a16'"], id="unknown-scheme"
         ),
         pytest.param(
             "name: t\nsource:\n  uri: ftp://x\n",

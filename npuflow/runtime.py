@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from npuflow.errors import NpuflowError
@@ -17,21 +15,31 @@ from npuflow.errors import NpuflowError
 log = logging.getLogger("npuflow.runtime")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class W8A16Linear(nn.Module):
-    """y = x @ (qweight * scale).T + bias, computed by the device's weight-only int8 kernel."""
+class QuantLinear(nn.Module):
+    """A linear layer with integer weights, computed by the device's weight-only kernel.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, kernel: Kernel):
+    8-bit: y = x @ (qweight * scale[:, None]).T;  4-bit: y = x @ ((qweight - zero) * scale).T per group.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int | None,
+                 backend: ModuleType):
         super().__init__()
-        self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device="meta"))
-        self.register_buffer("weight_scale", torch.empty(out_features, device="meta"))  # (out,)
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.backend = backend
+        groups = in_features // group_size if group_size else None
+        qdtype = torch.int8 if bits == 8 else torch.uint8
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=qdtype, device="meta"))
+        self.register_buffer("scale", torch.empty((out_features, groups) if groups else out_features, device="meta"))
+        self.register_buffer("zero", torch.empty(out_features, groups, device="meta") if bits == 4 else None)
         self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out)
-        y = self.kernel(x, self.weight, self.weight_scale)
+        if self.bits == 8:
+            y = self.backend.linear_w8a16(x, self.qweight, self.scale)
+        else:
+            y = self.backend.linear_w4a16(x, self.qweight, self.scale, self.zero, self.group_size)
         return y + self.bias if self.bias is not None else y
 
 
@@ -58,15 +66,6 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    sd: dict[str, torch.Tensor] = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(shard, framework="pt") as f:
-            for name in f.keys():
-                sd[name] = f.get_tensor(name)
-    return sd
-
-
 def _rebuild_meta_buffers(model: nn.Module, config, device: torch.device) -> None:
     """Non-persistent buffers (rotary inv_freq) are not in the checkpoint: build them for real."""
     for name, module in list(model.named_modules()):
@@ -76,27 +75,34 @@ def _rebuild_meta_buffers(model: nn.Module, config, device: torch.device) -> Non
 
 
 def load_quantized(model_dir: Path, backend: ModuleType, dtype: torch.dtype, graph: bool = False) -> nn.Module:
-    """The quantized model on the backend's device: no float copy of the weights is ever built."""
+    """The quantized model on the backend's device: no float copy of the integer weights is built."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from npuflow.formats import QuantizedWeight, read_quantized
+
     qm = json.loads((model_dir / "quant_manifest.json").read_text())
-    if qm["scheme"] != "w8a16":
-        raise NpuflowError(f"the runtime has no kernel for scheme {qm['scheme']!r} yet; supported: w8a16")
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    kernel = backend.linear_w8a16
-    for name, t in qm["tensors"].items():
-        if not t["quantized"]:
+    dev = backend.device()
+    sd: dict[str, torch.Tensor] = {}
+    for name, t in read_quantized(model_dir, qm["format"]).items():
+        if not isinstance(t, QuantizedWeight):
+            sd[name] = t.to(dev, dtype) if t.is_floating_point() else t.to(dev)
             continue
-        path = name.removesuffix(".weight")
+        path, prefix = name.removesuffix(".weight"), name.removesuffix("weight")
         old = model.get_submodule(path)
         if isinstance(old, nn.Embedding):
+            if t.bits != 8:
+                raise NpuflowError(f"{path}: only 8-bit embeddings are supported; keep it in float (ignore)")
             _set_module(model, path, W8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx))
-        else:
-            _set_module(model, path, W8A16Linear(old.in_features, old.out_features, old.bias is not None, kernel))
-    dev = backend.device()
-    sd = {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) for k, v in _read_state_dict(model_dir).items()}
+            sd[name], sd[prefix + "weight_scale"] = t.qweight.to(dev), t.scale.to(dev, dtype)
+            continue
+        _set_module(model, path, QuantLinear(old.in_features, old.out_features, old.bias is not None, t.bits,
+                                             t.group_size, backend))
+        sd[prefix + "qweight"], sd[prefix + "scale"] = t.qweight.to(dev), t.scale.to(dev, dtype)
+        if t.zero is not None:
+            sd[prefix + "zero"] = t.zero.to(dev, dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:

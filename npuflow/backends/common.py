@@ -20,3 +20,12 @@ def library_versions(*extra: str) -> dict[str, str]:
 def linear_w8a16_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y = x @ (qweight * scale[:, None]).T; x (..., in), qweight int8 (out, in), scale (out,)."""
     return torch.nn.functional.linear(x, qweight.to(x.dtype) * scale.to(x.dtype)[:, None])
+
+
+def linear_w4a16_reference(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """y = x @ ((qweight - zero) * scale).T with scale, zero (out, in // group_size) over groups of inputs."""
+    s = scale.to(x.dtype).repeat_interleave(group_size, dim=1)  # (out, in)
+    z = zero.to(x.dtype).repeat_interleave(group_size, dim=1)
+    return torch.nn.functional.linear(x, (qweight.to(x.dtype) - z) * s)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from npuflow.backends.common import library_versions, linear_w8a16_reference
+from npuflow.backends.common import library_versions, linear_w4a16_reference, linear_w8a16_reference
 
 NAME = "cpu"
 RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")  # package energy counter, microjoules
@@ -47,10 +47,17 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) ->
     return linear_w8a16_reference(x, qweight, scale)
 
 
+def linear_w4a16(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """int4 weights: a dequantized matmul (the packed int4 kernel is the backends issue's work)."""
+    return linear_w4a16_reference(x, qweight, scale, zero, group_size)
+
+
 def kernels(dtype: torch.dtype) -> dict[str, str]:
     if dtype == torch.bfloat16:
-        return {"linear_w8a16": "aten._weight_int8pack_mm (decode) / dequantized F.linear (prefill)", "attention": "sdpa"}
-    return {"linear_w8a16": "dequantized F.linear", "attention": "sdpa"}
+        return {"linear_w8a16": "aten._weight_int8pack_mm (decode) / dequantized F.linear (prefill)", "linear_w4a16": "dequantized F.linear", "attention": "sdpa"}
+    return {"linear_w8a16": "dequantized F.linear", "linear_w4a16": "dequantized F.linear", "attention": "sdpa"}
 
 
 def synchronize() -> None:

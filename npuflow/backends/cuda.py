@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from npuflow.backends.common import library_versions
+from npuflow.backends.common import library_versions, linear_w4a16_reference
 
 NAME = "cuda"
 
@@ -35,8 +35,15 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) ->
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
+def linear_w4a16(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """int4 weights: a dequantized matmul (the packed int4 kernel is the backends issue's work)."""
+    return linear_w4a16_reference(x, qweight, scale, zero, group_size)
+
+
 def kernels(dtype: torch.dtype) -> dict[str, str]:
-    return {"linear_w8a16": "aten._weight_int8pack_mm", "attention": "sdpa"}
+    return {"linear_w8a16": "aten._weight_int8pack_mm", "linear_w4a16": "dequantized F.linear", "attention": "sdpa"}
 
 
 def synchronize() -> None:

@@ -51,8 +51,24 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) ->
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
+def linear_w4a16(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """torch_npu.npu_weight_quant_batchmatmul per group: weight (K, N), antiquant_scale/offset (K/g, N);
+    the op computes x @ ((weight + offset) * scale), so offset = -zero."""
+    import torch_npu
+
+    rows = x.numel() // x.shape[-1]
+    y = torch_npu.npu_weight_quant_batchmatmul(
+        x.reshape(rows, x.shape[-1]), qweight.t().to(torch.int8), antiquant_scale=scale.t().to(x.dtype),
+        antiquant_offset=(-zero).t().to(x.dtype), antiquant_group_size=group_size,
+    )
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
 def kernels(dtype: torch.dtype) -> dict[str, str]:
-    return {"linear_w8a16": "torch_npu.npu_weight_quant_batchmatmul", "attention": "sdpa"}
+    return {"linear_w8a16": "torch_npu.npu_weight_quant_batchmatmul",
+            "linear_w4a16": "torch_npu.npu_weight_quant_batchmatmul (per group, int8-held int4)", "attention": "sdpa"}
 
 
 def synchronize() -> None:

@@ -15,7 +15,7 @@ from npuflow.backends.common import linear_w8a16_reference
 from npuflow.config import QuantizationConfig
 from npuflow.errors import ConfigError, DeviceUnavailableError
 from npuflow.quantize import dequantize_per_channel_int8, quantize_dir, quantize_per_channel_int8
-from npuflow.runtime import W8A16Linear, W8Embedding, load_quantized, load_reference
+from npuflow.runtime import QuantLinear, W8Embedding, load_quantized, load_reference
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,8 @@ def test_reference_is_the_saved_model(reference_logits: torch.Tensor, tiny_rando
 def test_load_quantized_tracks_the_float_model(quantized_llama_dir: Path, reference_logits, input_ids) -> None:
     model = load_quantized(quantized_llama_dir, cpu, torch.float32)
     attn = model.model.layers[0].self_attn
-    assert isinstance(attn.q_proj, W8A16Linear) and attn.q_proj.weight.dtype == torch.int8
-    assert isinstance(model.model.layers[1].mlp.down_proj, W8A16Linear)
+    assert isinstance(attn.q_proj, QuantLinear) and attn.q_proj.qweight.dtype == torch.int8
+    assert isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32  # ignored: float
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])  # everything materialised
     assert not model.training
@@ -69,7 +69,7 @@ def test_load_quantized_with_embeddings_and_head_quantized(
     quantize_dir(tiny_random_llama_dir, out, QuantizationConfig(ignore=()))
     model = load_quantized(out, cpu, torch.float32)
     assert isinstance(model.model.embed_tokens, W8Embedding)
-    assert isinstance(model.lm_head, W8A16Linear)
+    assert isinstance(model.lm_head, QuantLinear)
     _assert_close_to_reference(_logits(model, input_ids), reference_logits)
 
 
@@ -88,7 +88,7 @@ def test_load_quantized_bf16_decode_step(quantized_llama_dir: Path, input_ids) -
     ids = input_ids[:1, :1]  # (1, 1): a decode-sized step
     fp32 = _logits(load_quantized(quantized_llama_dir, cpu, torch.float32), ids)
     model = load_quantized(quantized_llama_dir, cpu, torch.bfloat16)
-    assert model.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.q_proj.scale.dtype == torch.bfloat16
     bf16 = _logits(model, ids)
     assert (bf16 - fp32).abs().max().item() <= 0.05 * fp32.abs().max().item()
 
@@ -160,8 +160,23 @@ def test_cpu_linear_w8a16_fp32_is_the_reference(int8_weight) -> None:
 
 def test_w8a16_linear_module_adds_bias(int8_weight) -> None:
     _, q, scale = int8_weight
-    layer = W8A16Linear(64, 96, bias=True, kernel=cpu.linear_w8a16)
+    layer = QuantLinear(64, 96, bias=True, bits=8, group_size=None, backend=cpu)
     bias = torch.randn(96)
-    layer.load_state_dict({"weight": q, "weight_scale": scale, "bias": bias}, assign=True)
+    layer.load_state_dict({"qweight": q, "scale": scale, "bias": bias}, assign=True)
     x = torch.randn(3, 64)
     torch.testing.assert_close(layer(x), F.linear(x, dequantize_per_channel_int8(q, scale), bias))
+
+
+def test_w4a16_model_tracks_the_float_model(tiny_random_llama_dir: Path, tmp_path: Path, reference_logits,
+                                            input_ids) -> None:
+    out = tmp_path / "q4"
+    out.mkdir()
+    quantize_dir(tiny_random_llama_dir, out, QuantizationConfig(scheme="w4a16", group_size=32))
+    model = load_quantized(out, cpu, torch.float32)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QuantLinear) and q.bits == 4 and q.scale.shape == (64, 2)  # (out, in // 32)
+    assert int(q.qweight.max()) <= 15
+    logits = _logits(model, input_ids)
+    # int4 is coarser than int8, yet the model must still follow the float one
+    err = (logits - reference_logits).abs().max() / reference_logits.abs().max()
+    assert 0 < err < 0.25

@@ -218,3 +218,11 @@ def test_ambiguous_weights_without_index(tiny_random_llama_dir: Path, tmp_path: 
         shutil.copy(src / "model.safetensors", src / "model-copy.safetensors")
     with pytest.raises(NpuflowError, match=rf"has {n_files} safetensors files and no {INDEX}"):
         _quantize(src, tmp_path / "q")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_per_channel_int8_leaves_the_input_untouched(dtype: torch.dtype) -> None:
+    w = torch.randn(2048, 8, dtype=dtype)  # more rows than one block
+    before = w.clone()
+    quantize_per_channel_int8(w)
+    assert torch.equal(w, before)

@@ -189,6 +189,59 @@ def benchmark(model: Annotated[Path, typer.Argument(help="Quantized model direct
 
 
 @app.command()
+def plan(model: Annotated[str, typer.Option(help="llama-2-7b, llama-2-13b, llama-2-70b or an HF config.json path.")],
+         device: Annotated[str, typer.Option(help="ascend-910b1..b4, a100-80g, h100-sxm, h200 or cpu.")],
+         precision: Annotated[str, typer.Option(help="fp16, w8a16 or w4a16.")] = "fp16",
+         context: Annotated[int, typer.Option(help="Tokens per sequence (prompt + output).")] = 4096,
+         batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = 1,
+         devices: Annotated[int | None, typer.Option("--tp", help="Devices for the parallel modes.")] = None,
+         mbu: Annotated[str | None, typer.Option(help="Measured bandwidth utilisation range LO,HI (e.g. 0.55,0.7).")] = None,
+         tpot_target: Annotated[float | None, typer.Option(help="TPOT target, ms: also find the cheapest setup.")] = None,
+         as_json: JsonOpt = False) -> None:
+    """Capacity plan: weight and KV memory, minimum devices, max batch, TPOT bounds per deployment mode."""
+    from npuflow.plan import cheapest
+    from npuflow.plan import plan as make_plan
+
+    if precision not in ("fp16", "w8a16", "w4a16"):
+        raise ConfigError(f"unknown precision {precision!r}; valid: fp16, w8a16, w4a16")
+    eff = None
+    if mbu:
+        try:
+            lo, hi = (float(x) for x in mbu.split(","))
+        except ValueError:
+            raise ConfigError(f"--mbu takes LO,HI fractions such as 0.55,0.7, not {mbu!r}") from None
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError("--mbu fractions must satisfy 0 < LO <= HI <= 1")
+        eff = (lo, hi)
+    p = make_plan(model, device, precision, context, batch, devices=devices, mbu=eff)  # type: ignore[arg-type]
+    data = p.model_dump()
+    if tpot_target is not None:
+        data["cheapest"] = cheapest(model, device, tpot_target, context, batch, mbu=eff)
+    if as_json:
+        _emit(data, True, "")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    head = Table(title=f"{p.model} on {p.device}, {p.precision}, context {p.context}, batch {p.batch}", show_header=False)
+    for k in ("params_b", "weights_gb", "kv_cache_bytes_per_token", "kv_cache_gb_per_sequence", "min_devices",
+              "max_batch_at_context", "prefill_ms_bound"):
+        head.add_row(k, f"{data[k]:.4g}" if isinstance(data[k], float) else str(data[k]))
+    modes = Table(title=f"decode TPOT per mode (expected at MBU {p.mbu_range[0]:.0%}-{p.mbu_range[1]:.0%})")
+    for col in ("mode", "devices", "fits", "bound ms", "expected ms", "comm ms", "max batch"):
+        modes.add_column(col)
+    for name, mp in p.modes.items():
+        modes.add_row(name, str(mp.devices), "yes" if mp.fits else "NO", f"{mp.tpot_ms_bound:.2f}",
+                      f"{mp.tpot_ms_expected[0]:.1f}-{mp.tpot_ms_expected[1]:.1f}", f"{mp.comm_ms:.2f}",
+                      str(mp.max_batch_at_context))
+    console = Console()
+    console.print(head, modes)
+    if tpot_target is not None:
+        console.print(f"cheapest meeting {tpot_target} ms: {data['cheapest'] or 'none within 16 devices'}")
+    console.print(f"device figures: {p.device_source}")
+
+
+@app.command()
 def models(name: Annotated[str, typer.Argument(help="Registered model name (the config's `name`).")],
            as_json: JsonOpt = False) -> None:
     """The registry's versions of NAME with their aliases and tags."""

@@ -112,32 +112,66 @@ def fetch(source: Annotated[str, typer.Argument(help="file://DIR, s3://BUCKET/PR
 
 
 @app.command()
-def quantize(source: Annotated[Path, typer.Argument(help="HF model directory (safetensors).")],
+def quantize(source: Annotated[str, typer.Argument(help="Model directory, or file://, s3://, hf://ORG/NAME@REV.")],
              output: Annotated[Path, typer.Option("--output", help="Directory to create.")],
-             scheme: Annotated[str, typer.Option(help="Quantization scheme: w8a16.")] = "w8a16",
-             fmt: Annotated[str, typer.Option("--format", help="Output format: native.")] = "native",
+             scheme: Annotated[str, typer.Option(help="w8a16 or w4a16.")] = "w8a16",
+             group_size: Annotated[int | None, typer.Option(help="w4a16: 32, 64 or 128 (default 128).")] = None,
+             method: Annotated[str, typer.Option(help="rtn or gptq (calibrated).")] = "rtn",
+             fmt: Annotated[str, typer.Option("--format", help="native, msmodelslim or compressed-tensors.")] = "native",
+             calibration: Annotated[str, typer.Option(help="Calibration text for gptq (file://, s3://, builtin:).")]
+             = "builtin:tiny-corpus-train",
+             ignore: Annotated[list[str] | None, typer.Option(help="Module patterns kept in float (repeatable).")] = None,
              as_json: JsonOpt = False) -> None:
-    """Quantize a model directory shard by shard; OUTPUT appears only when complete."""
+    """Quantize a model shard by shard; OUTPUT appears only when complete."""
     import shutil
     import tempfile
 
-    from npuflow.config import QuantizationConfig
-    from npuflow.quantize import quantize_dir
+    from npuflow.config import CalibrationConfig, QuantizationConfig, format_validation_error
+    from npuflow.quantize import quantize_model
 
     try:
-        cfg = QuantizationConfig(scheme=scheme, format=fmt)
+        cfg = QuantizationConfig(
+            scheme=scheme, group_size=group_size, method=method, format=fmt,
+            calibration=CalibrationConfig(text=calibration),
+            **({"ignore": tuple(ignore)} if ignore is not None else {}),
+        )
     except ValueError as err:
-        raise ConfigError(f"bad option: {err}") from None
+        detail = format_validation_error(err, QuantizationConfig) if hasattr(err, "errors") else str(err)
+        raise ConfigError(f"bad option:\n{detail}") from None
     if output.exists():
         raise ConfigError(f"{output} already exists; choose a new directory")
-    if not source.is_dir():
-        raise ConfigError(f"{source} is not a directory")
+    src = _source_dir(source)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.tmp-") as tmp:
-        qm = quantize_dir(source, Path(tmp), cfg)
+        qm = quantize_model(src, Path(tmp), cfg)
         shutil.move(tmp, output)
         Path(tmp).mkdir()  # so the context manager's cleanup finds its directory
-    _emit({"output": str(output), "scheme": qm["scheme"], "files": qm["files"]}, as_json, "quantize")
+    _emit({"output": str(output), "scheme": qm["scheme"], "method": qm["method"], "format": qm["format"],
+           "group_size": qm["group_size"], "files": qm["files"]}, as_json, "quantize")
+
+
+def _source_dir(source: str) -> Path:
+    """A local directory for SOURCE: as is, or fetched (verified) into the store first."""
+    if "://" not in source:
+        path = Path(source)
+        if not path.is_dir():
+            raise ConfigError(f"{source} is not a directory (or use file://, s3://, hf:// as in `npuflow fetch`)")
+        return path
+    from npuflow.artifacts import materialize
+    from npuflow.config import SourceConfig
+    from npuflow.fetch import fetch as do_fetch
+    from npuflow.settings import Settings
+    from npuflow.store import open_store
+
+    try:
+        src = SourceConfig(uri=source)
+    except ValueError as err:
+        raise ConfigError(f"bad SOURCE: {err}") from None
+    settings = Settings()
+    store = open_store(settings.resolved_store_uri)
+    name = source.rstrip("/").rsplit("/", 1)[-1].split("@")[0] or "model"
+    art = do_fetch(src, name, store)
+    return materialize(store, art.key, art.files, settings.cache_dir)
 
 
 @app.command()

@@ -262,6 +262,22 @@ def quantize_dir(
     return manifest
 
 
+def quantize_model(model_dir: Path, out_dir: Path, cfg: QuantizationConfig,
+                   float_layers: frozenset[str] = frozenset()) -> dict:
+    """quantize_dir with the configured method: GPTQ calibrates layer by layer first, then streams."""
+    if cfg.method == "rtn":
+        return quantize_dir(model_dir, out_dir, cfg, float_layers=float_layers)
+    from npuflow.gptq import calibration_windows, gptq_quantize
+    from npuflow.validate import load_eval_text
+
+    cal = cfg.calibration
+    windows = calibration_windows(model_dir, load_eval_text(cal.text), cal.samples, cal.seq_len)
+    with staging_dir("gptq") as work:
+        result = gptq_quantize(model_dir, get_handler(cfg), tuple(cfg.ignore) + tuple(float_layers), windows,
+                               Path(work))
+        return quantize_dir(model_dir, out_dir, cfg, precomputed=result, float_layers=float_layers)
+
+
 def quantize(model: ModelArtifact, cfg: QuantizationConfig, store: Store, cache_root: Path) -> QuantizedArtifact:
     """The quantize stage: cache hit when the same model + config + code version is published."""
     key = f"models/{model.name}/quantized/{digest(model.manifest_sha256, cfg, CODE_VERSION)[:16]}"
@@ -272,7 +288,7 @@ def quantize(model: ModelArtifact, cfg: QuantizationConfig, store: Store, cache_
     src = materialize(store, model.key, model.files, cache_root)
     with staging_dir("quantize") as tmp:
         out = Path(tmp)
-        qm = quantize_dir(src, out, cfg)
+        qm = quantize_model(src, out, cfg)
         files: dict[str, FileEntry] = hash_dir(out)
         weights = sum(files[n].size for n in qm["files"])
         artifact = QuantizedArtifact(

@@ -114,9 +114,7 @@ def load_quantized(model_dir: Path, backend: ModuleType, dtype: torch.dtype, gra
         model.tie_weights()
     _rebuild_meta_buffers(model, config, dev)
     model.eval()
-    if graph:
-        model.forward = torch.compile(model.forward, dynamic=True)
-    return model
+    return backend.prepare(model, graph=graph)
 
 
 def load_reference(model_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -31,22 +31,28 @@ CODE_VERSION = "validate-1"
 
 
 def load_eval_text(uri: str) -> str:
-    """builtin:tiny-corpus | file://PATH | s3://bucket/key (UTF-8 text)."""
-    if uri == "builtin:tiny-corpus":
-        from npuflow.tinymodel import eval_text
+    """builtin:tiny-corpus (held out) | builtin:tiny-corpus-train | file://PATH | s3://bucket/key (UTF-8)."""
+    if uri.startswith("builtin:"):
+        from npuflow import tinymodel
 
-        return eval_text()
+        builtins = {
+            "builtin:tiny-corpus": tinymodel.eval_text,
+            "builtin:tiny-corpus-train": lambda: tinymodel.synthetic_corpus(2000, tinymodel.TINY_CORPUS_SEED_TRAIN),
+        }
+        if uri not in builtins:
+            raise ConfigError(f"unknown built-in text {uri!r}; valid: {', '.join(builtins)}")
+        return builtins[uri]()
     if uri.startswith("file://"):
         from npuflow.fetch import file_uri_path
 
         path = file_uri_path(uri)
         if not path.is_file():
-            raise NpuflowError(f"evaluation text {path} does not exist (validation.eval_text)")
+            raise NpuflowError(f"text file {path} does not exist ({uri})")
         return path.read_text()
     if uri.startswith("s3://"):
         bucket_prefix, _, key = uri.removeprefix("s3://").partition("/")
         return open_store(f"s3://{bucket_prefix}").read_bytes(key).decode()
-    raise ConfigError(f"unknown eval_text {uri!r}; valid: builtin:tiny-corpus, file://PATH, s3://BUCKET/KEY")
+    raise ConfigError(f"unknown text uri {uri!r}; valid: builtin:tiny-corpus, file://PATH, s3://BUCKET/KEY")
 
 
 def make_windows(token_ids: list[int], seq_len: int, max_tokens: int) -> torch.Tensor:

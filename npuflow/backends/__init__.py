@@ -13,6 +13,7 @@ from npuflow.errors import ConfigError, DeviceUnavailableError
 #   kernels() -> dict[str, str]; synchronize(); now_ms() -> float (after synchronising)
 #   reset_peak_memory(); peak_memory_mb() -> float | None; energy_joules() -> float | None (None: no counter)
 #   energy_unavailable() -> str (why not measured); versions() -> dict[str, str]
+#   linear_w4a16(x, qweight, scale, zero, group_size); prepare(model, graph) -> model (fused ops, compile)
 BACKENDS: dict[str, ModuleType] = {"cpu": cpu, "cuda": cuda, "npu": npu}
 
 

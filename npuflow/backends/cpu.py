@@ -54,6 +54,13 @@ def linear_w4a16(
     return linear_w4a16_reference(x, qweight, scale, zero, group_size)
 
 
+def prepare(model: torch.nn.Module, graph: bool = False) -> torch.nn.Module:
+    """HF modules as they are (SDPA attention); graph mode compiles the forward with inductor."""
+    if graph:
+        model.forward = torch.compile(model.forward, dynamic=True)
+    return model
+
+
 def kernels(dtype: torch.dtype) -> dict[str, str]:
     if dtype == torch.bfloat16:
         return {"linear_w8a16": "aten._weight_int8pack_mm (decode) / dequantized F.linear (prefill)", "linear_w4a16": "dequantized F.linear", "attention": "sdpa"}

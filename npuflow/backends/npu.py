@@ -66,9 +66,30 @@ def linear_w4a16(
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
+def prepare(model: torch.nn.Module, graph: bool = False) -> torch.nn.Module:
+    """Swap the Llama blocks onto torch_npu's fused kernels (norms, rotary, attention, SwiGLU).
+
+    Eager uses npu_fusion_attention / npu_incre_flash_attention; graph mode needs the inference op
+    npu_fused_infer_attention_score (the fusion op is eager-only) and torchair's backend.
+    """
+    import torch_npu
+
+    from npuflow.backends.npu_model import apply_fused_ops
+
+    apply_fused_ops(model, torch_npu, attention="fused_infer" if graph else "fusion")
+    if graph:
+        import torchair
+
+        model.forward = torch.compile(model.forward, dynamic=True, backend=torchair.get_npu_backend())
+    return model
+
+
 def kernels(dtype: torch.dtype) -> dict[str, str]:
     return {"linear_w8a16": "torch_npu.npu_weight_quant_batchmatmul",
-            "linear_w4a16": "torch_npu.npu_weight_quant_batchmatmul (per group, int8-held int4)", "attention": "sdpa"}
+            "linear_w4a16": "torch_npu.npu_weight_quant_batchmatmul (per group, int8-held int4)",
+            "rms_norm": "torch_npu.npu_rms_norm / npu_add_rms_norm", "rotary": "torch_npu.npu_rotary_mul",
+            "attention": "torch_npu.npu_fusion_attention (prefill) / npu_incre_flash_attention (decode)",
+            "swiglu": "torch_npu.npu_swiglu"}
 
 
 def synchronize() -> None:

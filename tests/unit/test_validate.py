@@ -128,10 +128,10 @@ def test_load_eval_text_file(tmp_path: Path) -> None:
     p = tmp_path / "eval.txt"
     p.write_text("the cat sat\n")
     assert load_eval_text(p.as_uri()) == "the cat sat\n"
-    with pytest.raises(NpuflowError, match=r"evaluation text .*missing\.txt does not exist"):
+    with pytest.raises(NpuflowError, match=r"text file .*missing\.txt does not exist"):
         load_eval_text((tmp_path / "missing.txt").as_uri())
 
 
 def test_load_eval_text_unknown_scheme() -> None:
-    with pytest.raises(ConfigError, match=r"unknown eval_text 'gs://b/t\.txt'; valid: builtin:tiny-corpus"):
+    with pytest.raises(ConfigError, match=r"unknown text uri 'gs://b/t\.txt'; valid: builtin:tiny-corpus"):
         load_eval_text("gs://b/t.txt")

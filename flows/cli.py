@@ -176,10 +176,17 @@ def _source_dir(source: str) -> Path:
 
 @app.command()
 def convert(artifact: Annotated[Path, typer.Argument(help="Quantized model directory (quant_manifest.json).")],
+            output: Annotated[Path | None, typer.Option("--output", help="Write the deployable here (new dir).")]
+            = None,
             device: Annotated[str, typer.Option(help="cpu, cuda or npu.")] = "cpu",
             dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+            graph: Annotated[bool, typer.Option("--graph/--eager", help="Graph mode (torch.compile/torchair).")]
+            = False,
             as_json: JsonOpt = False) -> None:
-    """Load a quantized model on DEVICE and run the smoke forward pass."""
+    """Load a quantized model on DEVICE, run the smoke forward pass, and write the deployable."""
+    import shutil
+    import tempfile
+
     from npuflow.backends import get_backend
     from npuflow.convert import smoke_test
     from npuflow.runtime import DTYPES, load_quantized, resolve_dtype
@@ -187,11 +194,25 @@ def convert(artifact: Annotated[Path, typer.Argument(help="Quantized model direc
     backend = get_backend(device)  # fails before any work when the device is missing
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
+    if output is not None and output.exists():
+        raise ConfigError(f"{output} already exists; choose a new directory")
+    if not (artifact / "quant_manifest.json").is_file():
+        raise ConfigError(f"{artifact} has no quant_manifest.json: pass the output of `npuflow quantize`")
     dt = resolve_dtype(dtype, backend)
-    model = load_quantized(artifact, backend, dt)
-    fp = smoke_test(model, model.config.vocab_size, backend.device())
-    _emit({"device": device, "device_name": backend.device_name(), "dtype": str(dt), "kernels": backend.kernels(dt),
-           "smoke_logits_sha256": fp, "versions": backend.versions()}, as_json, "convert")
+    model = load_quantized(artifact, backend, dt, graph=graph)
+    info = {"device": device, "device_name": backend.device_name(), "dtype": str(dt).removeprefix("torch."),
+            "runtime": "npuflow-graph" if graph else "npuflow-eager", "kernels": backend.kernels(dt),
+            "smoke_logits_sha256": smoke_test(model, model.config.vocab_size, backend.device()),
+            "versions": backend.versions()}
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.tmp-") as tmp:
+            shutil.copytree(artifact, tmp, dirs_exist_ok=True)
+            (Path(tmp) / "deployable.json").write_text(json.dumps(info, indent=2))
+            shutil.move(tmp, output)
+            Path(tmp).mkdir()
+        info["output"] = str(output)
+    _emit(info, as_json, "convert")
 
 
 @app.command()

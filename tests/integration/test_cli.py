@@ -67,12 +67,15 @@ def test_stage_commands_standalone(tiny_model_dir, tmp_path):
     again = npuflow("quantize", str(tiny_model_dir), "--output", str(out), cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
 
-    conv = npuflow("convert", str(out), "--device", "cpu", "--json", cwd=tmp_path)
+    dep = tmp_path / "deployable"
+    conv = npuflow("convert", str(out), "--device", "cpu", "--output", str(dep), "--json", cwd=tmp_path)
     assert conv.returncode == 0, conv.stderr
     assert json.loads(conv.stdout)["kernels"]["linear_w8a16"]
+    assert json.loads((dep / "deployable.json").read_text())["device"] == "cpu"
 
-    npu = npuflow("convert", str(out), "--device", "npu", cwd=tmp_path)
+    npu = npuflow("convert", str(out), "--device", "npu", "--output", str(tmp_path / "npu"), cwd=tmp_path)
     assert npu.returncode == 2 and "torch_npu" in npu.stderr
+    assert not (tmp_path / "npu").exists()
 
     bench = tmp_path / "bench.json"
     b = npuflow("benchmark", str(out), "--input-len", "16", "--output-len", "4", "--iterations", "2",

@@ -84,6 +84,20 @@ class QuantizationConfig(_Frozen):
     def _pairs(self) -> QuantizationConfig:
         if self.scheme == "w8a16" and self.group_size is not None:
             raise ValueError("group_size applies to w4a16 only: w8a16 has one scale per output channel")
+        if self.format == "msmodelslim" and self.scheme != "w8a16":
+            raise ValueError(
+                "format msmodelslim: supported: w8a16 (vllm-ascend has no dense W4A16 method); "
+                "for w4a16 use format native or compressed-tensors"
+            )
+        # what each serving engine cannot take quantized: msmodelslim has no quantized embedding lookup,
+        # vLLM's compressed-tensors quantizes linear layers only (its lm_head is an embedding class)
+        must_float = {"msmodelslim": ("model.embed_tokens",),
+                      "compressed-tensors": ("model.embed_tokens", "lm_head")}.get(self.format, ())
+        import fnmatch
+
+        for module in must_float:
+            if not any(fnmatch.fnmatch(module, p) for p in self.ignore):
+                raise ValueError(f"format {self.format}: keep {module} in quantization.ignore (it must stay float)")
         return self
 
 
@@ -118,13 +132,46 @@ class ValidationConfig(_Frozen):
         return v
 
 
-class BenchmarkConfig(_Frozen):
+class ScenarioConfig(_Frozen):
+    """One benchmark scenario: how many sequences, how long the prompt, how many tokens out."""
+
     batch_size: int = Field(1, ge=1)  # sequences decoded together
     input_len: int = Field(128, ge=1)  # prompt tokens
     output_len: int = Field(32, ge=2)  # generated tokens, fixed (no early stop)
-    warmup: int = Field(2, ge=0)  # untimed runs first
-    iterations: int = Field(5, ge=1)  # timed runs at least
-    min_seconds: float = Field(0.0, ge=0)  # and keep running until this many seconds have passed
+
+    @property
+    def name(self) -> str:
+        return f"bs{self.batch_size}_in{self.input_len}_out{self.output_len}"
+
+
+class BenchmarkConfig(_Frozen):
+    batch_size: int = Field(1, ge=1)  # sequences decoded together (the scenario when `scenarios` is empty)
+    input_len: int = Field(128, ge=1)  # prompt tokens (idem)
+    output_len: int = Field(32, ge=2)  # generated tokens, fixed (no early stop) (idem)
+    scenarios: tuple[ScenarioConfig, ...] = ()  # measured in order; the first is the primary (unsuffixed metrics)
+    warmup: int = Field(2, ge=0)  # untimed runs first, per scenario
+    iterations: int = Field(5, ge=1)  # timed runs at least, per scenario
+    min_seconds: float = Field(0.0, ge=0)  # and keep running until this many seconds have passed, per scenario
+    stability_stdev_pct_max: float = Field(5.0, gt=0)  # TPOT stdev above this % of its mean: scenario `unstable`
+    tpot_regression_pct: float = Field(5.0, ge=0)  # regression gate: TPOT p50 at most this % above the champion's
+    mode: Literal["single", "tensor-parallel"] = "single"  # deployment mode measured (single is always measured)
+    tp: int = Field(1, ge=1)  # ranks in tensor-parallel mode (torchrun processes, one device each)
+    device_spec: str | None = None  # npuflow.devices key for the roofline peaks; None: from the device name
+
+    @model_validator(mode="after")
+    def _mode_and_tp(self) -> BenchmarkConfig:
+        if self.mode == "tensor-parallel" and self.tp < 2:
+            raise ValueError("mode tensor-parallel needs tp >= 2 (ranks)")
+        if self.mode == "single" and self.tp != 1:
+            raise ValueError("tp applies to mode tensor-parallel; use tp: 1 with mode single")
+        return self
+
+    @property
+    def resolved_scenarios(self) -> tuple[ScenarioConfig, ...]:
+        """`scenarios`, or the one scenario given by batch_size/input_len/output_len."""
+        return self.scenarios or (
+            ScenarioConfig(batch_size=self.batch_size, input_len=self.input_len, output_len=self.output_len),
+        )
 
 
 class PromotionConfig(_Frozen):

@@ -5,7 +5,7 @@ A writer takes the quantize stage's output shard by shard, so a format never nee
     writer.add_shard("model-00001-of-00002.safetensors", {name: Tensor | QuantizedWeight, ...})
     ...
     files = writer.finish()   # index / description / config changes; returns the weight files written
-A reader gives back what the runtime loads: read_quantized(dir) -> (manifest, {name: Tensor | QuantizedWeight}).
+A reader gives back what the runtime loads: read_quantized(dir, fmt) -> {name: Tensor | QuantizedWeight}.
 Non-weight files (config.json, tokenizer, generation config) are copied into out_dir before finish(),
 so a format that edits config.json (compressed-tensors) does it in finish().
 """

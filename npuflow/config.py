@@ -76,12 +76,15 @@ class QuantizationConfig(_Frozen):
     method: Literal["rtn", "gptq"] = "rtn"  # round-to-nearest, or GPTQ (calibrated, arXiv:2210.17323)
     calibration: CalibrationConfig = CalibrationConfig()  # used by method gptq and by fallback auto
     ignore: tuple[str, ...] = ("model.embed_tokens", "lm_head")  # fnmatch patterns kept in float
+    sensitivity: bool = True  # write sensitivity.json: each quantized linear's output error on calibration data
     fallback: Literal["none", "auto"] = "none"  # auto: keep the most sensitive layers float until gates pass
     fallback_budget: int = Field(4, ge=0)  # at most this many extra float layers (a fused group counts once)
     format: Literal["native", "msmodelslim", "compressed-tensors"] = "native"
 
     @model_validator(mode="after")
     def _pairs(self) -> QuantizationConfig:
+        if self.fallback == "auto" and not self.sensitivity:
+            raise ValueError("fallback auto ranks layers by sensitivity: it needs sensitivity: true")
         if self.scheme == "w8a16" and self.group_size is not None:
             raise ValueError("group_size applies to w4a16 only: w8a16 has one scale per output channel")
         if self.format == "msmodelslim" and self.scheme != "w8a16":
@@ -154,7 +157,7 @@ class BenchmarkConfig(_Frozen):
     min_seconds: float = Field(0.0, ge=0)  # and keep running until this many seconds have passed, per scenario
     stability_stdev_pct_max: float = Field(5.0, gt=0)  # TPOT stdev above this % of its mean: scenario `unstable`
     tpot_regression_pct: float = Field(5.0, ge=0)  # regression gate: TPOT p50 at most this % above the champion's
-    mode: Literal["single", "tensor-parallel"] = "single"  # deployment mode measured (single is always measured)
+    mode: Literal["single", "tensor-parallel"] = "single"  # deployment mode the pipeline measures and reports
     tp: int = Field(1, ge=1)  # ranks in tensor-parallel mode (torchrun processes, one device each)
     device_spec: str | None = None  # npuflow.devices key for the roofline peaks; None: from the device name
 

@@ -43,7 +43,7 @@ LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 # linear layers of a Llama decoder; each weight is (out_features, in_features)
 LINEAR_SUFFIXES = tuple(f"{m}.weight" for m in LINEAR_MODULES)
 HEAD_AND_EMBED = ("lm_head.weight", "model.embed_tokens.weight")  # quantized only when not ignored
-CODE_VERSION = "quantize-2"  # bump when the output of a scheme changes, so old cache keys miss
+CODE_VERSION = "quantize-3"  # bump when the output of a scheme changes, so old cache keys miss
 
 
 # ---- primitives --------------------------------------------------------------------------------
@@ -262,25 +262,123 @@ def quantize_dir(
     return manifest
 
 
+SENSITIVITY = "sensitivity.json"
+# linears that share an input are kept float together, never split: (group name, member modules)
+FUSED_GROUPS = (
+    ("self_attn.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.o_proj", ("self_attn.o_proj",)),
+    ("mlp.gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.down_proj", ("mlp.down_proj",)),
+)
+
+
+def fused_group(name: str) -> tuple[str, tuple[str, ...]]:
+    """model.layers.3.self_attn.k_proj.weight -> ("model.layers.3.self_attn.qkv", (q, k, v module names))."""
+    module = name.removesuffix(".weight")
+    for group, members in FUSED_GROUPS:
+        for m in members:
+            if module.endswith("." + m):
+                base = module.removesuffix(m)
+                return base + group, tuple(base + x for x in members)
+    return module, (module,)
+
+
+def rank_groups(errors: dict[str, float]) -> list[tuple[str, float, tuple[str, ...]]]:
+    """Fused groups by their worst member's error, most sensitive first: (group, error, modules)."""
+    worst: dict[str, tuple[float, tuple[str, ...]]] = {}
+    for name, err in errors.items():
+        group, members = fused_group(name)
+        worst[group] = (max(err, worst.get(group, (0.0, ()))[0]), members)
+    return sorted(((g, e, m) for g, (e, m) in worst.items()), key=lambda x: -x[1])
+
+
 def quantize_model(model_dir: Path, out_dir: Path, cfg: QuantizationConfig,
-                   float_layers: frozenset[str] = frozenset()) -> dict:
-    """quantize_dir with the configured method: GPTQ calibrates layer by layer first, then streams."""
-    if cfg.method == "rtn":
-        return quantize_dir(model_dir, out_dir, cfg, float_layers=float_layers)
-    from npuflow.gptq import calibration_windows, gptq_quantize
+                   float_layers: frozenset[str] = frozenset(), errors: dict[str, float] | None = None) -> dict:
+    """quantize_dir with the configured method and the sensitivity report (sensitivity.json).
+
+    GPTQ calibrates layer by layer first (its per-linear errors are the report); with RTN the report is
+    measured separately on the same calibration windows unless `errors` is given.
+    """
+    from npuflow.gptq import calibration_windows, gptq_quantize, rtn_sensitivity
     from npuflow.validate import load_eval_text
 
     cal = cfg.calibration
+    ignore = tuple(cfg.ignore) + tuple(float_layers)
+    report: dict = {"method": cfg.method, "scheme": cfg.scheme, "group_size": cfg.group_size,
+                    "calibration": cal.model_dump(), "float_layers": sorted(float_layers)}
+    if cfg.method == "rtn":
+        if cfg.sensitivity and errors is None:
+            windows = calibration_windows(model_dir, load_eval_text(cal.text), cal.samples, cal.seq_len)
+            errors = rtn_sensitivity(model_dir, get_handler(cfg), ignore, windows)
+        qm = quantize_dir(model_dir, out_dir, cfg, float_layers=float_layers)
+        report["output_error"] = {k: v for k, v in (errors or {}).items() if k in qm["tensors"]
+                                  and qm["tensors"][k]["quantized"]}
+    else:
+        windows = calibration_windows(model_dir, load_eval_text(cal.text), cal.samples, cal.seq_len)
+        with staging_dir("gptq") as work:
+            result = gptq_quantize(model_dir, get_handler(cfg), ignore, windows, Path(work))
+            qm = quantize_dir(model_dir, out_dir, cfg, precomputed=result, float_layers=float_layers)
+            report["output_error"] = {k: v["gptq_err"] for k, v in result.stats.items()}
+            report["rtn_output_error"] = {k: v["rtn_err"] for k, v in result.stats.items()}
+    if cfg.sensitivity or cfg.method != "rtn":
+        report["ranking"] = [{"group": g, "error": e} for g, e, _ in rank_groups(report["output_error"])]
+        (out_dir / SENSITIVITY).write_text(json.dumps(report, indent=2))
+    return qm
+
+
+def quantize_with_fallback(model_dir: Path, out_dir: Path, cfg: QuantizationConfig, validation) -> dict:
+    """fallback auto: keep the most sensitive fused groups float, one more at a time, until the validation
+    gates pass (scored here on the CPU against the float reference) or fallback_budget groups are float."""
+    import torch
+
+    from npuflow.backends import cpu
+    from npuflow.gptq import calibration_windows, rtn_sensitivity
+    from npuflow.runtime import load_quantized, load_reference, load_tokenizer
+    from npuflow.validate import compare, evaluate_gates, load_eval_text, make_windows
+
+    cal = cfg.calibration
     windows = calibration_windows(model_dir, load_eval_text(cal.text), cal.samples, cal.seq_len)
-    with staging_dir("gptq") as work:
-        result = gptq_quantize(model_dir, get_handler(cfg), tuple(cfg.ignore) + tuple(float_layers), windows,
-                               Path(work))
-        return quantize_dir(model_dir, out_dir, cfg, precomputed=result, float_layers=float_layers)
+    errors = rtn_sensitivity(model_dir, get_handler(cfg), tuple(cfg.ignore), windows)
+    ranking = rank_groups(errors)
+    tok = load_tokenizer(model_dir)
+    tok.model_max_length = 1 << 62
+    eval_windows = make_windows(tok(load_eval_text(validation.eval_text))["input_ids"], validation.seq_len,
+                                validation.max_tokens)
+    reference = load_reference(model_dir, torch.device("cpu"))
+    attempts, float_layers = [], frozenset[str]()
+    for kept in range(min(cfg.fallback_budget, len(ranking)) + 1):
+        float_layers = frozenset(m for _, _, members in ranking[:kept] for m in members)
+        with staging_dir("fallback") as tmp:
+            quantize_model(model_dir, Path(tmp), cfg, float_layers, errors=errors)
+            metrics = compare(reference, load_quantized(Path(tmp), cpu, torch.float32), eval_windows,
+                              validation.batch_size, torch.device("cpu"))
+        passed = all(g.passed for g in evaluate_gates(metrics, validation.gates).values())
+        attempts.append({"float_groups": [g for g, _, _ in ranking[:kept]], "gates_passed": passed,
+                         **{k: metrics[k] for k in ("ppl_delta_pct", "top1_agreement", "kl_divergence")}})
+        log.info("fallback: %d float group(s) -> ppl %+.3f%%, top-1 %.4f, KL %.2e: gates %s", kept,
+                 metrics["ppl_delta_pct"], metrics["top1_agreement"], metrics["kl_divergence"],
+                 "pass" if passed else "fail")
+        if passed:
+            break
+    qm = quantize_model(model_dir, out_dir, cfg, float_layers, errors=errors)
+    report = json.loads((out_dir / SENSITIVITY).read_text())
+    report["output_error"] = errors  # every target linear, the float-kept ones included
+    report["ranking"] = [{"group": g, "error": e} for g, e, _ in ranking]
+    report["fallback"] = {"budget": cfg.fallback_budget, "attempts": attempts}
+    (out_dir / SENSITIVITY).write_text(json.dumps(report, indent=2))
+    return qm
 
 
-def quantize(model: ModelArtifact, cfg: QuantizationConfig, store: Store, cache_root: Path) -> QuantizedArtifact:
-    """The quantize stage: cache hit when the same model + config + code version is published."""
-    key = f"models/{model.name}/quantized/{digest(model.manifest_sha256, cfg, CODE_VERSION)[:16]}"
+def quantize(model: ModelArtifact, cfg: QuantizationConfig, store: Store, cache_root: Path,
+             validation=None) -> QuantizedArtifact:
+    """The quantize stage: cache hit when the same model + config + code version is published.
+
+    `validation` (ValidationConfig) is needed by fallback auto, which scores candidates against its gates.
+    """
+    if cfg.fallback == "auto" and validation is None:
+        raise ConfigError("quantization.fallback auto needs the validation section (eval text and gates)")
+    scoring = validation if cfg.fallback == "auto" else None
+    key = f"models/{model.name}/quantized/{digest(model.manifest_sha256, cfg, scoring, CODE_VERSION)[:16]}"
     found = load_manifest(store, key, QuantizedArtifact)
     if found is not None:
         log.info("cache hit: %s", found.uri)
@@ -288,7 +386,7 @@ def quantize(model: ModelArtifact, cfg: QuantizationConfig, store: Store, cache_
     src = materialize(store, model.key, model.files, cache_root)
     with staging_dir("quantize") as tmp:
         out = Path(tmp)
-        qm = quantize_model(src, out, cfg)
+        qm = quantize_with_fallback(src, out, cfg, validation) if scoring else quantize_model(src, out, cfg)
         files: dict[str, FileEntry] = hash_dir(out)
         weights = sum(files[n].size for n in qm["files"])
         artifact = QuantizedArtifact(

@@ -168,7 +168,7 @@ def _llama_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> Lla
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=128,  # d_model; multiple of 32 for int4 groups
-        intermediate_size=352,  # d_ff = 2.75 * d_model, multiple of 32
+        intermediate_size=384,  # d_ff = 3 * d_model, a multiple of 128 so every int4 group size divides it
         num_hidden_layers=4,
         num_attention_heads=4,  # head_dim = 32
         num_key_value_heads=2,  # GQA: 2 query heads share each kv head

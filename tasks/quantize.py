@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from npuflow.artifacts import ModelArtifact, QuantizedArtifact
-from npuflow.config import QuantizationConfig
+from npuflow.config import QuantizationConfig, ValidationConfig
 from npuflow.quantize import quantize
 from npuflow.store import open_store
 from tasks.common import IO_RETRY_DELAYS, outcome, retry_io_only
@@ -14,8 +14,9 @@ from tasks.common import IO_RETRY_DELAYS, outcome, retry_io_only
 
 @task(name="quantize", retries=2, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only,
       cache_policy=NONE)
-def quantize_task(model: ModelArtifact, cfg: QuantizationConfig, store_uri: str, cache_dir: Path) -> QuantizedArtifact:
-    """Weight-only quantization, streamed shard by shard."""
-    q = quantize(model, cfg, open_store(store_uri), cache_dir)
+def quantize_task(model: ModelArtifact, cfg: QuantizationConfig, store_uri: str, cache_dir: Path,
+                  validation: ValidationConfig | None = None) -> QuantizedArtifact:
+    """Weight-only quantization, streamed shard by shard (fallback auto scores against the validation gates)."""
+    q = quantize(model, cfg, open_store(store_uri), cache_dir, validation)
     get_run_logger().info("quantize: %s (%s, %.2f MB)", outcome(q), q.scheme, q.size_bytes / 1e6)
     return q

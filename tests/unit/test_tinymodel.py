@@ -77,7 +77,7 @@ def test_config(tiny_dir: Path) -> None:
     assert cfg["model_type"] == "llama"
     assert (cfg.get("dtype") or cfg.get("torch_dtype")) == "float32"
     assert cfg["tie_word_embeddings"] is False
-    assert cfg["hidden_size"] % 32 == 0 and cfg["intermediate_size"] % 32 == 0
+    assert cfg["hidden_size"] % 128 == 0 and cfg["intermediate_size"] % 128 == 0  # int4 groups of 32, 64, 128
     assert cfg["num_key_value_heads"] < cfg["num_attention_heads"]  # GQA
     assert cfg["max_position_embeddings"] >= 256
 

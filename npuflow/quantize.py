@@ -191,6 +191,25 @@ def expected_shapes(hf_config: dict) -> dict[str, tuple[int, int]]:
     }
 
 
+def _check_space(out_dir: Path, need: int, shard: str) -> None:
+    """Refuse before writing when the output disk cannot hold this shard (output <= input size)."""
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise NpuflowError(
+            f"not enough disk space to write {shard} to {out_dir}: {free / 1e6:.1f} MB free, up to "
+            f"{need / 1e6:.1f} MB needed; free space or write elsewhere (nothing was published)"
+        )
+
+
+def _disk_error(err: OSError, out_dir: Path, what: str) -> NpuflowError:
+    import errno
+
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NpuflowError(f"the disk filled up writing {what} to {out_dir}: free space or write elsewhere "
+                            "(nothing was published)")
+    return NpuflowError(f"writing {what} to {out_dir} failed: {err}")
+
+
 def _corrupt(name: str, shard: str) -> str:
     return f"tensor {name} in {shard} has NaN or Inf values; the checkpoint is corrupt"
 
@@ -216,6 +235,7 @@ def quantize_dir(
     ignore = tuple(cfg.ignore) + tuple(float_layers)
     tensors: dict[str, dict] = {}
     for shard in shard_names(model_dir):
+        _check_space(out_dir, (model_dir / shard).stat().st_size, shard)
         out: dict[str, torch.Tensor | QuantizedWeight] = {}
         with safe_open(model_dir / shard, framework="pt") as f:
             for name in f.keys():
@@ -239,13 +259,19 @@ def quantize_dir(
                         raise NpuflowError(_corrupt(name, shard))
                     out[name] = t
                     tensors[name] = {"quantized": False, "dtype": str(t.dtype)[6:], "shape": list(t.shape)}
-        writer.add_shard(shard, out)
+        try:
+            writer.add_shard(shard, out)
+        except OSError as err:
+            raise _disk_error(err, out_dir, shard) from None
         log.info("quantized %s (%d tensors)", shard, len(out))
         del out
-    for p in model_dir.iterdir():  # config, tokenizer, generation files carried over unchanged
-        if p.is_file() and not p.name.endswith(".safetensors") and p.name not in (INDEX, "SHA256SUMS"):
-            shutil.copy2(p, out_dir / p.name)
-    weight_files = writer.finish()
+    try:
+        for p in model_dir.iterdir():  # config, tokenizer, generation files carried over unchanged
+            if p.is_file() and not p.name.endswith(".safetensors") and p.name not in (INDEX, "SHA256SUMS"):
+                shutil.copy2(p, out_dir / p.name)
+        weight_files = writer.finish()
+    except OSError as err:
+        raise _disk_error(err, out_dir, "the config and index files") from None
     manifest = {
         "format": cfg.format,
         "scheme": cfg.scheme,

@@ -226,3 +226,39 @@ def test_per_channel_int8_leaves_the_input_untouched(dtype: torch.dtype) -> None
     before = w.clone()
     quantize_per_channel_int8(w)
     assert torch.equal(w, before)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 64 KB tmpfs (root only): the disk fills up for real."""
+    import subprocess
+
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_is_a_clear_error(tiny_random_llama_dir: Path, small_disk: Path) -> None:
+    out = small_disk / "q"
+    out.mkdir()
+    with pytest.raises(NpuflowError, match=r"disk space to write model\.safetensors .*nothing was published"):
+        quantize_dir(tiny_random_llama_dir, out, QuantizationConfig())
+
+
+def test_group_size_must_divide_every_input_width(tiny_random_llama_dir: Path, tmp_path: Path) -> None:
+    # hidden 64: a group of 128 input channels cannot tile q_proj's input
+    with pytest.raises(NpuflowError, match=r"group size 128 does not divide the input dimension 64 of model\.layers\.0\."):
+        _quantize(tiny_random_llama_dir, tmp_path / "q", scheme="w4a16", group_size=128)
+
+
+def test_shard_that_does_not_match_config_json(tiny_random_llama_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(tiny_random_llama_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 256  # the shards hold 128
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NpuflowError, match=r"mlp\.(gate|up|down)_proj\.weight in model\.safetensors has shape .* but config\.json implies"):
+        _quantize(src, tmp_path / "q")

@@ -1,0 +1,57 @@
+"""Quality of each quantization scheme and method on the demo model, against its float reference.
+
+    .venv/bin/python benchmarks/quantization_quality.py [--model DIR] [--max-tokens 8192]
+
+Builds the demo model (tiny Llama, ~30 s) unless --model is given, quantizes it with every scheme and
+method, and prints perplexity (reference and candidate), its change, top-1 agreement and KL divergence
+on the held-out evaluation text, with the time each quantization took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from npuflow.backends import cpu
+from npuflow.config import QuantizationConfig
+from npuflow.quantize import quantize_model
+from npuflow.runtime import load_quantized, load_reference, load_tokenizer
+from npuflow.tinymodel import build_tiny_llama, eval_text
+from npuflow.validate import compare, make_windows
+
+RUNS = [("w8a16", None, "rtn"), ("w8a16", None, "gptq"), ("w4a16", 128, "rtn"), ("w4a16", 128, "gptq"),
+        ("w4a16", 32, "rtn"), ("w4a16", 32, "gptq")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="an HF Llama directory (default: build the demo model)")
+    p.add_argument("--max-tokens", type=int, default=8192)
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        src = a.model or build_tiny_llama(work / "tiny-llama")
+        tok = load_tokenizer(src)
+        tok.model_max_length = 1 << 62
+        windows = make_windows(tok(eval_text())["input_ids"], 128, a.max_tokens)
+        ref = load_reference(src, torch.device("cpu"))
+        print(f"{'scheme':8} {'group':>5} {'method':6} {'ppl ref':>9} {'ppl cand':>9} {'delta %':>9} {'top-1':>7} "
+              f"{'KL':>9} {'seconds':>8}")
+        for scheme, group, method in RUNS:
+            out = work / f"{scheme}-{group}-{method}"
+            out.mkdir()
+            t = time.perf_counter()
+            quantize_model(src, out, QuantizationConfig(scheme=scheme, group_size=group, method=method,
+                                                        sensitivity=False))
+            secs = time.perf_counter() - t
+            m = compare(ref, load_quantized(out, cpu, torch.float32), windows, 8, torch.device("cpu"))
+            print(f"{scheme:8} {group or '-':>5} {method:6} {m['ppl_reference']:9.5f} {m['ppl_candidate']:9.5f} "
+                  f"{m['ppl_delta_pct']:+9.4f} {m['top1_agreement']:7.4f} {m['kl_divergence']:9.2e} {secs:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -219,28 +219,92 @@ def convert(artifact: Annotated[Path, typer.Argument(help="Quantized model direc
 def benchmark(model: Annotated[Path, typer.Argument(help="Quantized model directory.")],
               device: Annotated[str, typer.Option(help="cpu, cuda or npu.")] = "cpu",
               dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-              batch_size: Annotated[int, typer.Option()] = 1,
-              input_len: Annotated[int, typer.Option()] = 128,
-              output_len: Annotated[int, typer.Option()] = 32,
-              iterations: Annotated[int, typer.Option()] = 5,
+              batch_size: Annotated[int, typer.Option(help="Sequences per batch (without --scenarios).")] = 1,
+              input_len: Annotated[int, typer.Option(help="Prompt tokens (without --scenarios).")] = 128,
+              output_len: Annotated[int, typer.Option(help="Generated tokens, fixed (without --scenarios).")] = 32,
+              scenarios: Annotated[Path | None, typer.Option(
+                  help="YAML list of {batch_size, input_len, output_len}; the first is the primary.")] = None,
+              warmup: Annotated[int, typer.Option(help="Untimed runs first, per scenario.")] = 2,
+              iterations: Annotated[int, typer.Option(help="Timed runs at least, per scenario.")] = 5,
+              min_seconds: Annotated[float, typer.Option(help="And time for at least this long, per scenario.")] = 0.0,
+              mode: Annotated[str, typer.Option(help="single or tensor-parallel (also measures single).")] = "single",
+              tp: Annotated[int, typer.Option("--tp", help="Ranks in tensor-parallel mode (torchrun).")] = 1,
+              single_baseline: Annotated[bool, typer.Option(
+                  help="Tensor-parallel: also measure one device, and compare greedy tokens.")] = True,
+              report: Annotated[Path | None, typer.Option("--report", help="Write report.md/.html and plots here.")]
+              = None,
               json_file: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None) -> None:
-    """Time TTFT and TPOT of a quantized model on DEVICE in this process."""
-    from npuflow.benchmark import measure
-    from npuflow.config import BenchmarkConfig
+    """Time TTFT and TPOT per scenario on DEVICE (single: in this process; tensor-parallel: torchrun ranks)."""
+    import yaml
 
+    from npuflow.benchmark import benchmark_dir
+    from npuflow.config import BenchmarkConfig, format_validation_error
+    from npuflow.report import render, scenario_metrics
+
+    listed = None
+    if scenarios is not None:
+        try:
+            listed = yaml.safe_load(scenarios.read_bytes())
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"--scenarios {scenarios}: {err}") from None
+        if not isinstance(listed, list) or not listed:
+            raise ConfigError(f"--scenarios {scenarios}: expected a YAML list of {{batch_size, input_len, output_len}}")
     try:
-        cfg = BenchmarkConfig(batch_size=batch_size, input_len=input_len, output_len=output_len, iterations=iterations)
+        cfg = BenchmarkConfig(batch_size=batch_size, input_len=input_len, output_len=output_len,
+                              scenarios=listed or (), warmup=warmup, iterations=iterations, min_seconds=min_seconds,
+                              mode=mode, tp=tp)
     except ValueError as err:
-        raise ConfigError(f"bad option: {err}") from None
-    result = measure(model, device, dtype, cfg)
-    s = result["scenario"]
-    flat = {"ttft_ms_p50": s["ttft_ms"]["p50"], "ttft_ms_p90": s["ttft_ms"]["p90"], "tpot_ms_p50": s["tpot_ms"]["p50"],
-            "tpot_ms_p90": s["tpot_ms"]["p90"], "decode_tokens_per_s": s["decode_tokens_per_s"],
-            "throughput_tokens_per_s": s["throughput_tokens_per_s"], "peak_memory_mb": result["peak_memory_mb"],
-            "energy": result["energy_note"], **result}
+        detail = format_validation_error(err, BenchmarkConfig) if hasattr(err, "errors") else str(err)
+        raise ConfigError(f"bad option:\n{detail}") from None
+    if not (model / "quant_manifest.json").is_file():
+        raise ConfigError(f"{model} is not a quantized model directory (no quant_manifest.json); run `npuflow quantize`")
+    rep = benchmark_dir(model, device, dtype, cfg, single_baseline=single_baseline)
+    files = render(rep, report, tpot_regression_pct=cfg.tpot_regression_pct) if report else []
+    greedy = rep.greedy_tokens
+    data = {
+        **rep.metrics, "energy": rep.energy, "mode": cfg.mode, "tp": cfg.tp, "device_name": rep.device_name,
+        "greedy_tokens": greedy,
+        "greedy_tokens_match": greedy.get("tensor-parallel") == greedy.get("single") if len(greedy) > 1 else None,
+        "metrics": rep.metrics | scenario_metrics(rep), "scenarios": [s.model_dump() for s in rep.scenarios],
+        "roofline": rep.roofline, "report_files": [str(f) for f in files],
+    }
     if json_file:
-        json_file.write_text(json.dumps(flat, indent=2))
-    _emit({k: v for k, v in flat.items() if k != "scenario"}, False, f"benchmark {s['name']}")
+        json_file.write_text(json.dumps(data, indent=2))
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"benchmark {model.name} on {rep.device_name}")
+    for col in ("scenario", "TTFT p50 ms", "TPOT p50 ms", "TPOT p99 ms", "stdev %", "decode tok/s", "MBU %", ""):
+        table.add_column(col)
+    for s in rep.scenarios:
+        mbu = s.roofline.mbu_pct if s.roofline else None
+        table.add_row(f"{s.mode if s.mode == 'single' else f'TP={s.devices}'} {s.name}", f"{s.ttft_ms['p50']:.3f}",
+                      f"{s.tpot_ms['p50']:.3f}", f"{s.tpot_ms['p99']:.3f}", f"{s.tpot_ms['stdev_pct']:.1f}",
+                      f"{s.decode_tokens_per_s:.1f}", "n/a" if mbu is None else f"{mbu:.2f}",
+                      "unstable" if s.unstable else "")
+    console = Console()
+    console.print(table)
+    if data["greedy_tokens_match"] is not None:
+        console.print(f"greedy tokens, tensor-parallel vs single: {'identical' if data['greedy_tokens_match'] else 'DIFFER'}")
+    console.print(f"energy: {rep.energy}")
+    if files:
+        console.print(f"report: {files[1]}")
+
+
+@app.command("report")
+def report_cmd(run_id: Annotated[str, typer.Argument(help="MLflow run id of a pipeline run.")],
+               output: Annotated[Path | None, typer.Option("--output", help="Directory (default ./report-RUNID).")]
+               = None,
+               as_json: JsonOpt = False) -> None:
+    """Re-render a run's benchmark report (Markdown, HTML, plots) from MLflow, against the current champion."""
+    from npuflow import registry
+    from npuflow.settings import Settings
+
+    out = output or Path(f"report-{run_id[:8]}")
+    c = registry.client(Settings().resolved_tracking_uri)
+    files, gate = registry.render_run_report(c, run_id, out)
+    _emit({"files": [str(f) for f in files], "regression_gate": gate.model_dump() if gate else None}, as_json,
+          f"report {run_id}")
 
 
 @app.command()
@@ -316,6 +380,76 @@ def models(name: Annotated[str, typer.Argument(help="Registered model name (the 
     _emit(rows, as_json, f"registry: {name}")
 
 
+# ---- serving and rollback ---------------------------------------------------------------------
+
+
+@app.command()
+def serve(config: Annotated[Path, typer.Option("--config", help="YAML run config: its `name` is the registered model.")],
+          port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+          host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = "127.0.0.1",
+          challenger_weight: Annotated[float, typer.Option(
+              help="Share of traffic for the challenger (the `candidate` alias when it is not the champion), "
+                   "0-100; the champion gets the rest. Change it at run time: POST /admin/weights.")] = 0.0,
+          token: Annotated[str | None, typer.Option(
+              envvar="NPUFLOW_SERVE_TOKEN", show_envvar=True,
+              help="Bearer token required on /v1 and /admin (default: none).")] = None,
+          max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 256) -> None:
+    """Serve the champion (and a challenger) from the registry: OpenAI /v1/completions, /health, /metrics."""
+    from npuflow.config import load_config
+
+    cfg = load_config(config)
+    if not 0 <= challenger_weight <= 100:
+        raise ConfigError(f"--challenger-weight must be 0..100 (percent of traffic), got {challenger_weight:g}")
+    from npuflow.serve import ModelPool, ServeOptions, run_server
+    from npuflow.settings import Settings
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a server's log, not a terminal
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        logging.getLogger("npuflow.serve").warning("binding %s without a token: anyone who can reach it may "
+                                                   "change weights and reload (set NPUFLOW_SERVE_TOKEN)", host)
+    settings = Settings()
+    pool = ModelPool(ServeOptions(
+        name=cfg.name, tracking_uri=settings.resolved_tracking_uri, store_uri=settings.resolved_store_uri,
+        cache_dir=settings.cache_dir, champion_weight=100 - challenger_weight, challenger_weight=challenger_weight,
+        token=token or None, max_tokens_limit=max_tokens,
+    ))
+    state = pool.reload()  # no champion, or one that fails to load: exit 1 before the socket opens
+    chal = state["challenger"]
+    logging.getLogger("npuflow.serve").info(
+        "serving %s: champion v%s%s on http://%s:%d", cfg.name, state["champion"]["version"],
+        f", challenger v{chal['version']} ({chal['status']}, weight {chal['weight']:g})" if chal else "", host, port)
+    run_server(pool, host=host, port=port)
+
+
+@app.command()
+def rollback(name: Annotated[str, typer.Argument(help="Registered model name (the config's `name`).")],
+             reason: Annotated[str, typer.Option(help="Why: recorded on both versions.")] = "manual rollback",
+             actor: Annotated[str | None, typer.Option(help="Who (default: the login name).")] = None,
+             server_url: Annotated[str | None, typer.Option(
+                 help="A running `npuflow serve` to reload afterwards, e.g. http://127.0.0.1:8080.")] = None,
+             token: Annotated[str | None, typer.Option(envvar="NPUFLOW_SERVE_TOKEN", show_envvar=True,
+                                                       help="The server's bearer token.")] = None,
+             as_json: JsonOpt = False) -> None:
+    """Move `champion` back to `previous` and record who and why; reload a running server."""
+    import getpass
+
+    from npuflow import registry
+    from npuflow.rollback import notify_server
+    from npuflow.rollback import rollback as do_rollback
+    from npuflow.settings import Settings
+
+    c = registry.client(Settings().resolved_tracking_uri)
+    result = do_rollback(c, name, reason, actor or getpass.getuser())
+    data = result.model_dump()
+    if server_url:
+        state = notify_server(server_url, token, result.champion)
+        data["server"] = {"url": server_url, "champion": state["champion"]["version"],
+                          "challenger": (state.get("challenger") or {}).get("version")}
+    if not as_json:
+        print(result.message, file=sys.stderr)
+    _emit(data, as_json, f"rollback {name}")
+
+
 def main() -> None:
     """Entry point: NpuflowError -> one clear message and its exit code (2 bad input, 1 failed stage)."""
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "npuflow")
@@ -328,11 +462,19 @@ def main() -> None:
         sys.exit(err.exit_code)
     except (typer.Exit, SystemExit) as err:
         sys.exit(getattr(err, "exit_code", getattr(err, "code", 0)))
-    except Exception as err:  # click usage errors
+    except Exception as err:  # click usage errors; torch failing to import because of torch_npu
         import click
 
         if isinstance(err, click.ClickException):
             err.show()
+            sys.exit(2)
+        if "torch_npu" in str(err) or "libhccl" in str(err) or "libascend" in str(err):
+            from npuflow.backends.npu import INSTALL_HINT
+
+            print(f"npuflow: error: torch failed to import because torch_npu is installed but cannot load ({err}). "
+                  "torch auto-loads torch_npu, so without CANN `import torch` itself fails: "
+                  f"{INSTALL_HINT}, or uninstall torch_npu on machines without an NPU "
+                  "(TORCH_DEVICE_BACKEND_AUTOLOAD=0 also stops the auto-load)", file=sys.stderr)
             sys.exit(2)
         raise
 

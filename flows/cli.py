@@ -384,7 +384,7 @@ def models(name: Annotated[str, typer.Argument(help="Registered model name (the 
 
 
 @app.command()
-def serve(config: Annotated[Path, typer.Option("--config", help="YAML run config: its `name` is the registered model.")],
+def serve(config: Annotated[Path, typer.Option("--config", help="Run config (its `name` is served).")],
           port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
           host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = "127.0.0.1",
           challenger_weight: Annotated[float, typer.Option(
@@ -393,31 +393,35 @@ def serve(config: Annotated[Path, typer.Option("--config", help="YAML run config
           token: Annotated[str | None, typer.Option(
               envvar="NPUFLOW_SERVE_TOKEN", show_envvar=True,
               help="Bearer token required on /v1 and /admin (default: none).")] = None,
-          max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 256) -> None:
+          max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 256,
+          ) -> None:
     """Serve the champion (and a challenger) from the registry: OpenAI /v1/completions, /health, /metrics."""
     from npuflow.config import load_config
 
     cfg = load_config(config)
     if not 0 <= challenger_weight <= 100:
-        raise ConfigError(f"--challenger-weight must be 0..100 (percent of traffic), got {challenger_weight:g}")
+        raise ConfigError(f"--challenger-weight must be 0..100 (% of traffic), got {challenger_weight:g}")
     from npuflow.serve import ModelPool, ServeOptions, run_server
     from npuflow.settings import Settings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a server's log, not a terminal
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        logging.getLogger("npuflow.serve").warning("binding %s without a token: anyone who can reach it may "
-                                                   "change weights and reload (set NPUFLOW_SERVE_TOKEN)", host)
+        logging.getLogger("npuflow.serve").warning(
+            "binding %s without a token: anyone who can reach it may change weights and reload "
+            "(set NPUFLOW_SERVE_TOKEN)", host)
     settings = Settings()
     pool = ModelPool(ServeOptions(
         name=cfg.name, tracking_uri=settings.resolved_tracking_uri, store_uri=settings.resolved_store_uri,
-        cache_dir=settings.cache_dir, champion_weight=100 - challenger_weight, challenger_weight=challenger_weight,
+        cache_dir=settings.cache_dir, champion_weight=100 - challenger_weight,
+        challenger_weight=challenger_weight,
         token=token or None, max_tokens_limit=max_tokens,
     ))
     state = pool.reload()  # no champion, or one that fails to load: exit 1 before the socket opens
     chal = state["challenger"]
     logging.getLogger("npuflow.serve").info(
         "serving %s: champion v%s%s on http://%s:%d", cfg.name, state["champion"]["version"],
-        f", challenger v{chal['version']} ({chal['status']}, weight {chal['weight']:g})" if chal else "", host, port)
+        f", challenger v{chal['version']} ({chal['status']}, weight {chal['weight']:g})" if chal else "",
+        host, port)
     run_server(pool, host=host, port=port)
 
 
@@ -438,8 +442,12 @@ def rollback(name: Annotated[str, typer.Argument(help="Registered model name (th
     from npuflow.rollback import rollback as do_rollback
     from npuflow.settings import Settings
 
+    try:
+        who = actor or getpass.getuser()
+    except (OSError, KeyError):  # no login name in some containers
+        who = "unknown"
     c = registry.client(Settings().resolved_tracking_uri)
-    result = do_rollback(c, name, reason, actor or getpass.getuser())
+    result = do_rollback(c, name, reason, who)
     data = result.model_dump()
     if server_url:
         state = notify_server(server_url, token, result.champion)

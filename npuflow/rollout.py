@@ -42,6 +42,10 @@ def decide_promotion(
 
     if candidate.tags.get("gates") != "passed":
         return decision("keep_champion", ["validation gates failed: a failed candidate is never promoted"])
+    if candidate.tags.get("rollout") == "rolled_back":
+        return decision("keep_champion", [f"version {candidate.version} was rolled back "
+                                          f"({candidate.tags.get('rollback_reason', 'no reason recorded')}); "
+                                          "release a new artifact instead of re-promoting it"])
     if champion is None:
         return decision("promote", ["no champion yet: the first candidate that passes its gates takes over"])
     if champion.version == candidate.version:
@@ -80,6 +84,8 @@ def apply_promotion(c, candidate: ModelVersion, decision: PromotionDecision, app
                     if decision.champion_version else {CHAMPION: candidate.version})
         log.info("champion -> version %s (previous: %s)", candidate.version, decision.champion_version)
     elif decision.action == "keep_champion":
-        tag_version(c, candidate, {"rollout": "rejected", "promotion_reason": reason})
+        keep = candidate.tags.get("rollout") == "rolled_back"  # that record stays as it is
+        tag_version(c, candidate, {"promotion_reason": reason} if keep else {"rollout": "rejected",
+                                                                            "promotion_reason": reason})
         log.info("champion stays version %s: %s", decision.champion_version, reason)
     return before

@@ -121,3 +121,11 @@ def test_stricter_tolerance_changes_the_decision() -> None:
 def test_nan_metric_is_worse_than_any_champion() -> None:
     d = _decide({**CHAMP_METRICS, "ppl_candidate": float("nan")})
     assert d.action == "keep_champion" and "ppl_candidate: nan" in d.reasons[0]
+
+
+def test_a_rolled_back_version_is_never_promoted_again() -> None:
+    rolled = ModelVersion(name="tiny-llama", version="3", aliases=[], run_id="run-3",
+                          tags={"gates": "passed", "rollout": "rolled_back", "rollback_reason": "canary errors"})
+    for champion in (CHAMPION, None):
+        d = decide_promotion(rolled, dict(CHAMP_METRICS), champion, CHAMP_METRICS, TOL)
+        assert d.action == "keep_champion" and "was rolled back (canary errors)" in d.reasons[0]

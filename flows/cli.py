@@ -221,20 +221,21 @@ def benchmark(model: Annotated[Path, typer.Argument(help="Quantized model direct
               dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
               batch_size: Annotated[int, typer.Option(help="Sequences per batch (without --scenarios).")] = 1,
               input_len: Annotated[int, typer.Option(help="Prompt tokens (without --scenarios).")] = 128,
-              output_len: Annotated[int, typer.Option(help="Generated tokens, fixed (without --scenarios).")] = 32,
+              output_len: Annotated[int, typer.Option(help="Generated tokens, fixed (no --scenarios).")] = 32,
               scenarios: Annotated[Path | None, typer.Option(
                   help="YAML list of {batch_size, input_len, output_len}; the first is the primary.")] = None,
               warmup: Annotated[int, typer.Option(help="Untimed runs first, per scenario.")] = 2,
               iterations: Annotated[int, typer.Option(help="Timed runs at least, per scenario.")] = 5,
-              min_seconds: Annotated[float, typer.Option(help="And time for at least this long, per scenario.")] = 0.0,
-              mode: Annotated[str, typer.Option(help="single or tensor-parallel (also measures single).")] = "single",
+              min_seconds: Annotated[float, typer.Option(help="And at least this long, per scenario.")] = 0.0,
+              mode: Annotated[str, typer.Option(help="single or tensor-parallel (torchrun).")] = "single",
               tp: Annotated[int, typer.Option("--tp", help="Ranks in tensor-parallel mode (torchrun).")] = 1,
               single_baseline: Annotated[bool, typer.Option(
                   help="Tensor-parallel: also measure one device, and compare greedy tokens.")] = True,
-              report: Annotated[Path | None, typer.Option("--report", help="Write report.md/.html and plots here.")]
+              report: Annotated[Path | None, typer.Option("--report", help="Write report.md/.html, plots.")]
               = None,
-              json_file: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None) -> None:
-    """Time TTFT and TPOT per scenario on DEVICE (single: in this process; tensor-parallel: torchrun ranks)."""
+              json_file: Annotated[Path | None, typer.Option("--json", help="Write the results here.")]
+              = None) -> None:
+    """Time TTFT and TPOT per scenario on DEVICE (single: this process; tensor-parallel: torchrun ranks)."""
     import yaml
 
     from npuflow.benchmark import benchmark_dir
@@ -248,23 +249,26 @@ def benchmark(model: Annotated[Path, typer.Argument(help="Quantized model direct
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"--scenarios {scenarios}: {err}") from None
         if not isinstance(listed, list) or not listed:
-            raise ConfigError(f"--scenarios {scenarios}: expected a YAML list of {{batch_size, input_len, output_len}}")
+            raise ConfigError(f"--scenarios {scenarios}: expected a YAML list of "
+                              "{batch_size, input_len, output_len}")
     try:
         cfg = BenchmarkConfig(batch_size=batch_size, input_len=input_len, output_len=output_len,
-                              scenarios=listed or (), warmup=warmup, iterations=iterations, min_seconds=min_seconds,
-                              mode=mode, tp=tp)
+                              scenarios=listed or (), warmup=warmup, iterations=iterations,
+                              min_seconds=min_seconds, mode=mode, tp=tp)
     except ValueError as err:
         detail = format_validation_error(err, BenchmarkConfig) if hasattr(err, "errors") else str(err)
         raise ConfigError(f"bad option:\n{detail}") from None
     if not (model / "quant_manifest.json").is_file():
-        raise ConfigError(f"{model} is not a quantized model directory (no quant_manifest.json); run `npuflow quantize`")
+        raise ConfigError(f"{model} is not a quantized model directory (no quant_manifest.json); "
+                          "run `npuflow quantize`")
     rep = benchmark_dir(model, device, dtype, cfg, single_baseline=single_baseline)
     files = render(rep, report, tpot_regression_pct=cfg.tpot_regression_pct) if report else []
     greedy = rep.greedy_tokens
     data = {
         **rep.metrics, "energy": rep.energy, "mode": cfg.mode, "tp": cfg.tp, "device_name": rep.device_name,
         "greedy_tokens": greedy,
-        "greedy_tokens_match": greedy.get("tensor-parallel") == greedy.get("single") if len(greedy) > 1 else None,
+        "greedy_tokens_match": (greedy.get("tensor-parallel") == greedy.get("single")) if len(greedy) > 1
+        else None,
         "metrics": rep.metrics | scenario_metrics(rep), "scenarios": [s.model_dump() for s in rep.scenarios],
         "roofline": rep.roofline, "report_files": [str(f) for f in files],
     }
@@ -274,18 +278,21 @@ def benchmark(model: Annotated[Path, typer.Argument(help="Quantized model direct
     from rich.table import Table
 
     table = Table(title=f"benchmark {model.name} on {rep.device_name}")
-    for col in ("scenario", "TTFT p50 ms", "TPOT p50 ms", "TPOT p99 ms", "stdev %", "decode tok/s", "MBU %", ""):
+    for col in ("scenario", "TTFT p50 ms", "TPOT p50 ms", "TPOT p99 ms", "stdev %", "decode tok/s", "MBU %",
+                ""):
         table.add_column(col)
     for s in rep.scenarios:
         mbu = s.roofline.mbu_pct if s.roofline else None
-        table.add_row(f"{s.mode if s.mode == 'single' else f'TP={s.devices}'} {s.name}", f"{s.ttft_ms['p50']:.3f}",
-                      f"{s.tpot_ms['p50']:.3f}", f"{s.tpot_ms['p99']:.3f}", f"{s.tpot_ms['stdev_pct']:.1f}",
+        label = f"{s.mode if s.mode == 'single' else f'TP={s.devices}'} {s.name}"
+        table.add_row(label, f"{s.ttft_ms['p50']:.3f}", f"{s.tpot_ms['p50']:.3f}", f"{s.tpot_ms['p99']:.3f}",
+                      f"{s.tpot_ms['stdev_pct']:.1f}",
                       f"{s.decode_tokens_per_s:.1f}", "n/a" if mbu is None else f"{mbu:.2f}",
                       "unstable" if s.unstable else "")
     console = Console()
     console.print(table)
     if data["greedy_tokens_match"] is not None:
-        console.print(f"greedy tokens, tensor-parallel vs single: {'identical' if data['greedy_tokens_match'] else 'DIFFER'}")
+        same = "identical" if data["greedy_tokens_match"] else "DIFFER"
+        console.print(f"greedy tokens, tensor-parallel vs single: {same}")
     console.print(f"energy: {rep.energy}")
     if files:
         console.print(f"report: {files[1]}")
@@ -293,10 +300,10 @@ def benchmark(model: Annotated[Path, typer.Argument(help="Quantized model direct
 
 @app.command("report")
 def report_cmd(run_id: Annotated[str, typer.Argument(help="MLflow run id of a pipeline run.")],
-               output: Annotated[Path | None, typer.Option("--output", help="Directory (default ./report-RUNID).")]
+               output: Annotated[Path | None, typer.Option("--output", help="Directory (./report-RUNID).")]
                = None,
                as_json: JsonOpt = False) -> None:
-    """Re-render a run's benchmark report (Markdown, HTML, plots) from MLflow, against the current champion."""
+    """Re-render a run's benchmark report (Markdown, HTML, plots) from MLflow, against the champion."""
     from npuflow import registry
     from npuflow.settings import Settings
 
@@ -456,6 +463,25 @@ def rollback(name: Annotated[str, typer.Argument(help="Registered model name (th
     if not as_json:
         print(result.message, file=sys.stderr)
     _emit(data, as_json, f"rollback {name}")
+
+
+@app.command("rollout")
+def rollout_cmd(
+        config: Annotated[Path, typer.Option("--config", help="YAML run config (its `rollout:` section).")],
+        server_url: Annotated[str | None, typer.Option(
+            "--server-url", help="A running `npuflow serve` (default: start one in this process on 127.0.0.1).")
+        ] = None,
+        as_json: JsonOpt = False) -> None:
+    """Roll the `candidate` out against the `champion` stage by stage; a failed stage rolls traffic back."""
+    from npuflow.config import load_config
+
+    cfg = load_config(config)
+    from flows.rollout import rollout
+
+    record = rollout(cfg, server_url=server_url)
+    _emit(record.model_dump(exclude={"stages"}) | {"stages": [
+        f"{s.name} {s.weight:g}%: {s.verdict.result}" for s in record.stages]}, as_json,
+        f"rollout {record.name}: v{record.candidate_version} {record.decision}")
 
 
 def main() -> None:

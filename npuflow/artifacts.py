@@ -117,6 +117,21 @@ class ValidationReport(_Manifest):
         return all(g.passed for g in self.gates.values())
 
 
+class Roofline(BaseModel):
+    """Measured against the device's peaks: decode is bandwidth-bound, prefill compute-bound."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    decode_bytes_per_step: float  # weights + the batch's KV cache at the mean decode context, bytes
+    tpot_ms_bound: float | None  # decode step at peak bandwidth (None: no peak figure)
+    achieved_gbs: float  # decode_bytes_per_step / TPOT p50, GB/s
+    mbu_pct: float | None  # achieved / peak bandwidth, %
+    prefill_flops: float  # 2 x params x prompt tokens + causal attention, whole batch
+    ttft_ms_bound: float | None  # prefill at peak FLOP/s (None: no peak figure)
+    achieved_tflops: float  # prefill_flops / TTFT p50, TFLOP/s
+    mfu_pct: float | None  # achieved / peak FLOP/s, %
+    note: str = ""  # why a figure is not available, e.g. "MFU not available: no peak FLOPS figure for a CPU"
+
+
 class Scenario(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str  # e.g. bs1_in128_out32
@@ -129,6 +144,14 @@ class Scenario(BaseModel):
     decode_tokens_per_s: float  # batch_size * 1000 / tpot p50
     throughput_tokens_per_s: float  # generated tokens / end-to-end seconds (p50)
     e2e_ms_p50: float
+    e2e_ms: dict[str, float] = Field(default_factory=dict)  # p50, p90, p99, mean, stdev_pct (end to end)
+    mode: str = "single"  # single | tensor-parallel
+    devices: int = 1  # ranks (tensor-parallel) or 1
+    unstable: bool = False  # TPOT stdev % above the config's stability limit
+    peak_memory_mb: float | None = None  # after this scenario (CPU: the process's peak RSS so far)
+    energy_joules: float | None = None  # over the timed runs; None: no real counter
+    energy_tokens_per_j: float | None = None  # generated tokens / energy_joules
+    roofline: Roofline | None = None
 
 
 class BenchmarkReport(_Manifest):
@@ -141,6 +164,10 @@ class BenchmarkReport(_Manifest):
     peak_memory_mb: float
     model_size_mb: float
     energy: str  # "not measured: <reason>" or how it was measured
+    roofline: dict[str, Any] = Field(default_factory=dict)  # peak figures used and their source, model bytes
+    method: dict[str, Any] = Field(default_factory=dict)  # warmup, iterations, min_seconds, mode, ...
+    greedy_tokens: dict[str, list[list[int]]] = Field(default_factory=dict)  # mode -> (B, n) greedy tokens
+    report_files: list[str] = Field(default_factory=list)  # report.md, report.html, *.png beside it
 
 
 M = TypeVar("M", bound=_Manifest)

@@ -1,9 +1,11 @@
-"""Benchmark stage: TTFT and TPOT with warm-up and repetitions, in a fresh process on the target device.
+"""Benchmark stage: TTFT and TPOT per scenario with warm-up and repetitions, in a fresh process on the device.
 
 Method: fixed output length (no early stop), `warmup` untimed runs, then at least `iterations` runs
-and `min_seconds` seconds. Prefill (TTFT: prompt in, first token out) and each decode step are timed
-apart, synchronising the device around each. TPOT percentiles pool every decode step of every run.
-The measurement runs in a child process so that peak memory is the serving process's own.
+and `min_seconds` seconds, per scenario (batch size x input length x output length). Prefill (TTFT:
+prompt in, first token out) and each decode step are timed apart, the backend's clock synchronising
+the device around each. TPOT percentiles pool every decode step of every run. The measurement runs
+in a child process so that peak memory is the serving process's own; tensor-parallel mode runs one
+process per rank under torchrun (npuflow.parallel). Each scenario is set against its roofline.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,15 +30,26 @@ from npuflow.artifacts import (
     load_manifest,
     materialize,
     publish,
+    staging_dir,
 )
 from npuflow.backends import get_backend
-from npuflow.config import BenchmarkConfig
+from npuflow.config import BenchmarkConfig, ScenarioConfig
+from npuflow.devices import DEVICES, DeviceSpec, get_device
 from npuflow.errors import NpuflowError
+from npuflow.plan import kv_bytes_per_token, model_shape
+from npuflow.report import is_unstable, primary, primary_metrics, render, roofline
 from npuflow.runtime import DTYPES, load_quantized
 from npuflow.store import Store
 
 log = logging.getLogger("npuflow.benchmark")
-CODE_VERSION = "benchmark-1"
+CODE_VERSION = "benchmark-2"
+ENERGY_SOURCES = {"cpu": "RAPL package counter", "cuda": "NVML total energy counter",
+                  "npu": "npu-smi power sampling"}
+# device name fragment -> npuflow.devices key; only names that pin the variant (an A100 40GB is not an
+# A100 80GB, an H100 PCIe is not an SXM): anything else gets no peaks rather than a guess
+_SPEC_BY_NAME = (("H200", "h200"), ("H100 80GB HBM3", "h100-sxm"), ("A100-SXM4-80GB", "a100-80g"),
+                 ("910B1", "ascend-910b1"), ("910B2", "ascend-910b2"), ("910B3", "ascend-910b3"),
+                 ("910B4", "ascend-910b4"))
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -76,45 +90,171 @@ def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tenso
     return torch.cat(tokens, dim=1)
 
 
-def run_scenario(model, backend, cfg: BenchmarkConfig, vocab_size: int) -> tuple[Scenario, float | None]:
-    """One scenario in this process; returns it and the energy used in joules (None: no counter)."""
+def make_prompt(sc: ScenarioConfig, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """The scenario's prompt (B, T_in): seeded random tokens, the same in every process and mode."""
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab_size, (cfg.batch_size, cfg.input_len), generator=gen).to(backend.device())
+    return torch.randint(0, vocab_size, (sc.batch_size, sc.input_len), generator=gen).to(device)
+
+
+def _alone(go: bool) -> bool:
+    return go
+
+
+def run_scenario(model, backend, cfg: BenchmarkConfig, vocab_size: int,
+                 scenario: ScenarioConfig | None = None,
+                 agree: Callable[[bool], bool] = _alone) -> tuple[Scenario, float | None]:
+    """One scenario (default: cfg's first) in this process; returns it and the energy used in joules
+    (None: no counter). `agree` turns this process's "run again?" into every rank's (tensor-parallel)."""
+    sc = scenario or cfg.resolved_scenarios[0]
+    prompt = make_prompt(sc, vocab_size, backend.device())
     for _ in range(cfg.warmup):
-        timed_generation(model, backend, prompt, cfg.output_len)
+        timed_generation(model, backend, prompt, sc.output_len)
     ttfts, steps, e2es = [], [], []
     e0, start = backend.energy_joules(), time.perf_counter()
-    while len(ttfts) < cfg.iterations or time.perf_counter() - start < cfg.min_seconds:
-        ttft, st, e2e = timed_generation(model, backend, prompt, cfg.output_len)
+    while agree(len(ttfts) < cfg.iterations or time.perf_counter() - start < cfg.min_seconds):
+        ttft, st, e2e = timed_generation(model, backend, prompt, sc.output_len)
         ttfts.append(ttft)
         steps += st
         e2es.append(e2e)
     e1 = backend.energy_joules()
     ttft_s, tpot_s, e2e_s = summarize(ttfts), summarize(steps), summarize(e2es)
-    scenario = Scenario(
-        name=f"bs{cfg.batch_size}_in{cfg.input_len}_out{cfg.output_len}", batch_size=cfg.batch_size,
-        input_len=cfg.input_len, output_len=cfg.output_len, iterations=len(ttfts), ttft_ms=ttft_s, tpot_ms=tpot_s,
-        decode_tokens_per_s=cfg.batch_size * 1e3 / tpot_s["p50"],
-        throughput_tokens_per_s=cfg.batch_size * cfg.output_len * 1e3 / e2e_s["p50"], e2e_ms_p50=e2e_s["p50"],
+    # a counter that did not advance (or wrapped, as RAPL does) measured nothing: report no number
+    energy = None if e0 is None or e1 is None or e1 <= e0 else e1 - e0
+    generated = sc.batch_size * sc.output_len * len(ttfts)
+    scenario_ = Scenario(
+        name=sc.name, batch_size=sc.batch_size, input_len=sc.input_len, output_len=sc.output_len,
+        iterations=len(ttfts), ttft_ms=ttft_s, tpot_ms=tpot_s,
+        decode_tokens_per_s=sc.batch_size * 1e3 / tpot_s["p50"],
+        throughput_tokens_per_s=sc.batch_size * sc.output_len * 1e3 / e2e_s["p50"], e2e_ms_p50=e2e_s["p50"],
+        e2e_ms=e2e_s, unstable=is_unstable(tpot_s, cfg.stability_stdev_pct_max), energy_joules=energy,
+        energy_tokens_per_j=generated / energy if energy else None,
     )
-    energy = None if e0 is None or e1 is None else e1 - e0
-    return scenario, energy
+    return scenario_, energy
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights as loaded (parameters and buffers, shared storage counted once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def measure_loaded(model, backend, cfg: BenchmarkConfig, agree: Callable[[bool], bool] = _alone,
+                   mode: str = "single", devices: int = 1) -> dict:
+    """Every configured scenario on a loaded model, then the greedy continuation of the first prompt."""
+    scenarios = []
+    vocab = model.config.vocab_size
+    for sc in cfg.resolved_scenarios:
+        backend.reset_peak_memory()
+        s, _ = run_scenario(model, backend, cfg, vocab, sc, agree)
+        scenarios.append(s.model_copy(update={"mode": mode, "devices": devices,
+                                              "peak_memory_mb": backend.peak_memory_mb()}).model_dump())
+        log.info("%s %s: TTFT p50 %.2f ms, TPOT p50 %.3f ms (stdev %.1f%%)", mode, sc.name, s.ttft_ms["p50"],
+                 s.tpot_ms["p50"], s.tpot_ms["stdev_pct"])
+    first = cfg.resolved_scenarios[0]
+    tokens = greedy_generate(model, make_prompt(first, vocab, backend.device()), first.output_len)
+    return {
+        "mode": mode, "devices": devices, "scenarios": scenarios,
+        "peak_memory_mb": max(s["peak_memory_mb"] or 0.0 for s in scenarios),
+        "weight_bytes": model_bytes(model), "kv_bytes_per_element": torch.finfo(model.dtype).bits // 8,
+        "greedy_tokens": tokens.tolist(), "energy_note": backend.energy_unavailable(),
+    }
 
 
 def measure(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig) -> dict:
-    """The measurement itself (run in the child process): load, then time the scenario."""
+    """The single-device measurement (the stage runs it in a child process): load, then every scenario."""
     backend = get_backend(device)
     backend.reset_peak_memory()
     model = load_quantized(model_dir, backend, DTYPES[dtype])
-    scenario, energy = run_scenario(model, backend, cfg, model.config.vocab_size)
-    generated = scenario.batch_size * scenario.output_len * scenario.iterations
-    return {
-        "scenario": scenario.model_dump(),
-        "peak_memory_mb": backend.peak_memory_mb(),
-        "energy_joules": energy,
-        "energy_tokens_per_j": generated / energy if energy else None,
-        "energy_note": backend.energy_unavailable() if energy is None else f"{device} counter, {energy:.1f} J",
+    return measure_loaded(model, backend, cfg)
+
+
+def peak_spec(device: str, device_name: str, override: str | None = None) -> tuple[DeviceSpec | None, str]:
+    """The peak figures the roofline uses, and a note on what is not available (CPU: bandwidth measured)."""
+    if override:
+        return get_device(override), ""
+    if device == "cpu":
+        return get_device("cpu"), "MFU not available: no peak FLOPS figure for a CPU (bandwidth is measured)"
+    for fragment, key in _SPEC_BY_NAME:
+        if fragment.lower() in device_name.lower():
+            return DEVICES[key], ""
+    return None, (f"roofline not available: no peak figures for {device_name!r}; set benchmark.device_spec "
+                  f"to one of {', '.join(DEVICES)}")
+
+
+def build_report(results: list[dict], model_dir: Path, device: str, device_name: str, cfg: BenchmarkConfig,
+                 model_size_bytes: int, *, uri: str, key: str, deployable_manifest_sha256: str = "",
+                 label: str | None = None,
+                 spec: tuple[DeviceSpec | None, str] | None = None) -> BenchmarkReport:
+    """Scenarios of every mode measured (results of measure / parallel.launch) with their rooflines,
+    DESIGN.md metrics for the primary scenario, energy as measured or why not."""
+    shape = model_shape(str(model_dir))
+    dev, note = spec or peak_spec(device, device_name, cfg.device_spec)
+    scenarios = []
+    for r in results:
+        devs = r["devices"]
+        share = 1 if device == "cpu" else devs  # CPU ranks share one memory system; accelerators add theirs
+        kv = kv_bytes_per_token(shape, r["kv_bytes_per_element"])
+        for s in r["scenarios"]:
+            sc = Scenario.model_validate(s)
+            rl = roofline(shape, sc.batch_size, sc.input_len, sc.output_len, sc.ttft_ms["p50"],
+                          sc.tpot_ms["p50"],
+                          r["weight_bytes"], kv, dev.bandwidth_gbs * share if dev else None,
+                          dev.fp16_tflops * devs if dev and dev.fp16_tflops else None, note)
+            scenarios.append(sc.model_copy(update={"roofline": rl}))
+    first = results[0]
+    energy_used = [s for s in scenarios if s.energy_joules is not None]
+    energy = (f"{ENERGY_SOURCES.get(device, device)}: {sum(s.energy_joules or 0 for s in energy_used):.1f} J "
+              f"over {len(energy_used)} scenario runs (tensor-parallel: rank 0's counter)" if energy_used
+              else first["energy_note"])
+    method = {
+        "model": label or model_dir.name, "mode": cfg.mode, "tp": cfg.tp, "warmup": cfg.warmup,
+        "iterations": cfg.iterations, "min_seconds": cfg.min_seconds,
+        "stability_stdev_pct_max": cfg.stability_stdev_pct_max,
+        "tpot_regression_pct": cfg.tpot_regression_pct,
+        "timing": f"the {device} backend's clock (now_ms synchronises the device)",
     }
+    peaks = {"device_spec": dev.name if dev else None, "bandwidth_gbs": dev.bandwidth_gbs if dev else None,
+             "fp16_tflops": (dev.fp16_tflops or None) if dev else None, "source": dev.source if dev else note,
+             "weight_bytes": first["weight_bytes"], "kv_bytes_per_token": kv_bytes_per_token(
+                 shape, first["kv_bytes_per_element"]), "params": shape.params}
+    by_mode = {r["mode"]: r for r in results}
+    mode_result = by_mode.get(cfg.mode, first)
+    report = BenchmarkReport(
+        uri=uri, key=key, deployable_manifest_sha256=deployable_manifest_sha256, device=device,
+        device_name=device_name, scenarios=scenarios, metrics={},
+        peak_memory_mb=mode_result["peak_memory_mb"], model_size_mb=model_size_bytes / 1e6, energy=energy,
+        roofline=peaks, method=method,
+        greedy_tokens={r["mode"]: r["greedy_tokens"] for r in results},
+    )
+    metrics = primary_metrics(primary(report), report.peak_memory_mb, report.model_size_mb)
+    return report.model_copy(update={"metrics": metrics})
+
+
+def benchmark_dir(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig,
+                  single_baseline: bool = True) -> BenchmarkReport:
+    """`npuflow benchmark`: single device in this process; mode tensor-parallel adds cfg.tp ranks under
+    torchrun (and keeps the single-device run as its baseline unless `single_baseline` is False)."""
+    results = [measure(model_dir, device, dtype, cfg)] if cfg.mode == "single" or single_baseline else []
+    if cfg.mode == "tensor-parallel":
+        from npuflow.parallel import launch
+
+        results.append(launch(model_dir, device, dtype, cfg, cfg.tp))
+    size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    return build_report(results, model_dir, device, get_backend(device).device_name(), cfg, size,
+                        uri=model_dir.resolve().as_uri(), key=model_dir.name)
+
+
+def _measure_in_child(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig) -> dict:
+    cmd = [sys.executable, "-m", "npuflow.benchmark", str(model_dir), device, dtype, cfg.model_dump_json()]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise NpuflowError(f"the benchmark process failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def benchmark(deployable: Deployable, cfg: BenchmarkConfig, store: Store, cache_root: Path) -> BenchmarkReport:
@@ -129,33 +269,27 @@ def benchmark(deployable: Deployable, cfg: BenchmarkConfig, store: Store, cache_
     if quantized is None:
         raise NpuflowError(f"the quantized weights {deployable.quantized_key} are gone from the store; re-run quantize")
     model_dir = materialize(store, quantized.key, quantized.files, cache_root)
-    log.info("benchmarking bs=%d in=%d out=%d: %d warm-up + >= %d runs", cfg.batch_size, cfg.input_len,
-             cfg.output_len, cfg.warmup, cfg.iterations)
-    cmd = [sys.executable, "-m", "npuflow.benchmark", str(model_dir), deployable.device, deployable.dtype,
-           cfg.model_dump_json()]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise NpuflowError(f"the benchmark process failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    scenario = Scenario.model_validate(result["scenario"])
-    metrics = {
-        "ttft_ms_p50": scenario.ttft_ms["p50"], "ttft_ms_p90": scenario.ttft_ms["p90"],
-        "tpot_ms_p50": scenario.tpot_ms["p50"], "tpot_ms_p90": scenario.tpot_ms["p90"],
-        "decode_tokens_per_s": scenario.decode_tokens_per_s,
-        "throughput_tokens_per_s": scenario.throughput_tokens_per_s,
-        "peak_memory_mb": result["peak_memory_mb"], "model_size_mb": quantized.size_bytes / 1e6,
-    }
-    if result["energy_tokens_per_j"]:
-        metrics["energy_tokens_per_j"] = result["energy_tokens_per_j"]
-    report = BenchmarkReport(
-        uri=store.url(key), key=key, deployable_manifest_sha256=deployable.manifest_sha256, device=deployable.device,
-        device_name=deployable.device_name, scenarios=[scenario], metrics=metrics,
-        peak_memory_mb=result["peak_memory_mb"], model_size_mb=quantized.size_bytes / 1e6,
-        energy=result["energy_note"],
-    )
-    log.info("TTFT p50 %.2f ms, TPOT p50 %.2f ms (%.1f tok/s), peak memory %.0f MB", metrics["ttft_ms_p50"],
-             metrics["tpot_ms_p50"], metrics["decode_tokens_per_s"], metrics["peak_memory_mb"])
-    return publish(store, report)
+    scenarios = cfg.resolved_scenarios
+    log.info("benchmarking %d scenario(s) (%s): %d warm-up + >= %d runs and >= %g s each", len(scenarios),
+             ", ".join(s.name for s in scenarios), cfg.warmup, cfg.iterations, cfg.min_seconds)
+    if cfg.mode == "tensor-parallel":  # the mode being released only: the model may not fit one device
+        from npuflow.parallel import launch
+
+        log.info("tensor-parallel: %d ranks", cfg.tp)
+        results = [launch(model_dir, deployable.device, deployable.dtype, cfg, cfg.tp)]
+    else:
+        results = [_measure_in_child(model_dir, deployable.device, deployable.dtype, cfg)]
+    report = build_report(results, model_dir, deployable.device, deployable.device_name, cfg,
+                          quantized.size_bytes, uri=store.url(key), key=key,
+                          deployable_manifest_sha256=deployable.manifest_sha256, label=deployable.name)
+    m = report.metrics
+    log.info("TTFT p50 %.2f ms, TPOT p50 %.2f ms (%.1f tok/s), MBU %s, peak memory %.0f MB", m["ttft_ms_p50"],
+             m["tpot_ms_p50"], m["decode_tokens_per_s"],
+             f"{m['mbu_pct']:.1f}%" if "mbu_pct" in m else "n/a", m["peak_memory_mb"])
+    with staging_dir("benchmark") as tmp:
+        files = render(report, Path(tmp), tpot_regression_pct=cfg.tpot_regression_pct)
+        report = report.model_copy(update={"report_files": [p.name for p in files]})
+        return publish(store, report, Path(tmp))
 
 
 def _main() -> None:

@@ -151,12 +151,12 @@ class BenchmarkConfig(_Frozen):
     batch_size: int = Field(1, ge=1)  # sequences decoded together (the scenario when `scenarios` is empty)
     input_len: int = Field(128, ge=1)  # prompt tokens (idem)
     output_len: int = Field(32, ge=2)  # generated tokens, fixed (no early stop) (idem)
-    scenarios: tuple[ScenarioConfig, ...] = ()  # measured in order; the first is the primary (unsuffixed metrics)
+    scenarios: tuple[ScenarioConfig, ...] = ()  # measured in order; the first is the primary (unsuffixed)
     warmup: int = Field(2, ge=0)  # untimed runs first, per scenario
     iterations: int = Field(5, ge=1)  # timed runs at least, per scenario
-    min_seconds: float = Field(0.0, ge=0)  # and keep running until this many seconds have passed, per scenario
-    stability_stdev_pct_max: float = Field(5.0, gt=0)  # TPOT stdev above this % of its mean: scenario `unstable`
-    tpot_regression_pct: float = Field(5.0, ge=0)  # regression gate: TPOT p50 at most this % above the champion's
+    min_seconds: float = Field(0.0, ge=0)  # and keep running for at least this many seconds, per scenario
+    stability_stdev_pct_max: float = Field(5.0, gt=0)  # TPOT stdev above this % of its mean: `unstable`
+    tpot_regression_pct: float = Field(5.0, ge=0)  # regression gate: TPOT p50 at most this % above champion
     mode: Literal["single", "tensor-parallel"] = "single"  # deployment mode the pipeline measures and reports
     tp: int = Field(1, ge=1)  # ranks in tensor-parallel mode (torchrun processes, one device each)
     device_spec: str | None = None  # npuflow.devices key for the roofline peaks; None: from the device name
@@ -185,6 +185,63 @@ class PromotionConfig(_Frozen):
     tpot_regression_pct: float = Field(25.0, ge=0)  # tpot_ms_p50 at most this % above the champion's
 
 
+class SloConfig(_Frozen):
+    """What a challenger must meet during a rollout stage (None: that limit is not checked)."""
+
+    error_rate_max: float = Field(0.01, ge=0, le=1)  # errors / requests on the challenger, fraction
+    ttft_ms_p95_max: float | None = Field(None, gt=0)  # absolute limit on the challenger's TTFT p95, ms
+    tpot_ms_p95_max: float | None = Field(None, gt=0)  # absolute limit on the challenger's TPOT p95, ms
+    ttft_regression_pct: float | None = Field(20.0, ge=0)  # TTFT p95 at most this % above the champion's
+    tpot_regression_pct: float | None = Field(20.0, ge=0)  # TPOT p95 at most this % above the champion's
+
+
+class StageConfig(_Frozen):
+    """One rollout stage: the challenger's traffic share, how long and how much to watch, its SLOs."""
+
+    name: Literal["shadow", "canary", "full"]  # shadow: mirrored requests, answers from the champion
+    weight: float = Field(0.0, ge=0, le=100)  # challenger's share of routed traffic, % (shadow: 0)
+    min_duration_s: float = Field(60.0, ge=0)  # watch at least this long, seconds
+    min_requests: int = Field(50, ge=1)  # challenger requests at least before a verdict
+    max_duration_s: float = Field(600.0, gt=0)  # load generator stops here at the latest, seconds
+    max_requests: int = Field(2000, ge=1)  # load generator sends at most this many requests
+    slo: SloConfig = SloConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StageConfig:
+        if self.name == "shadow" and self.weight != 0:
+            raise ValueError("a shadow stage routes no traffic to the challenger: weight must be 0")
+        if self.name == "full" and self.weight != 100:
+            raise ValueError("the full stage routes all traffic to the challenger: weight must be 100")
+        if self.max_duration_s < self.min_duration_s:
+            raise ValueError("max_duration_s must be >= min_duration_s")
+        return self
+
+
+class RolloutConfig(_Frozen):
+    """Progressive delivery of the candidate against the serving champion (npuflow rollout)."""
+
+    stages: tuple[StageConfig, ...] = (
+        StageConfig(name="shadow", weight=0),
+        StageConfig(name="canary", weight=10),
+        StageConfig(name="canary", weight=50),
+        StageConfig(name="full", weight=100),
+    )
+    max_tokens: int = Field(16, ge=1)  # completion tokens per load-generator request
+    concurrency: int = Field(2, ge=1)  # load-generator requests in flight at once
+    approval: bool = False  # pause for a human decision before the full stage
+    approval_timeout_s: int = Field(3600, gt=0)  # no decision within this many seconds: rejected
+    approval_poll_s: int = Field(10, ge=1)  # how often the paused flow checks for a decision, seconds
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: tuple[StageConfig, ...]) -> tuple[StageConfig, ...]:
+        if not v:
+            raise ValueError("a rollout needs at least one stage")
+        if any(s.name == "full" for s in v[:-1]):
+            raise ValueError("`full` can only be the last stage")
+        return v
+
+
 class RunConfig(_Frozen):
     """One release of one model line."""
 
@@ -195,6 +252,7 @@ class RunConfig(_Frozen):
     validation: ValidationConfig = ValidationConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     promotion: PromotionConfig = PromotionConfig()
+    rollout: RolloutConfig = RolloutConfig()
 
     @field_validator("name")
     @classmethod

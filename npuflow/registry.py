@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict
 import npuflow
 from npuflow.artifacts import BenchmarkReport, Deployable, ModelArtifact, QuantizedArtifact, ValidationReport
 from npuflow.config import RunConfig, flatten
+from npuflow.errors import NpuflowError
+from npuflow.report import render, scenario_metrics
 
 log = logging.getLogger("npuflow.registry")
 
@@ -84,14 +86,17 @@ def log_pipeline_run(
     metrics = dict(validation.metrics)
     if benchmark is not None:
         metrics |= benchmark.metrics
-        for s in benchmark.scenarios:  # scenario variants carry a suffix: tpot_ms_p50.bs1_in128_out32
-            metrics |= {f"ttft_ms_p50.{s.name}": s.ttft_ms["p50"], f"tpot_ms_p50.{s.name}": s.tpot_ms["p50"]}
+        metrics |= scenario_metrics(benchmark)  # every scenario, suffixed: tpot_ms_p50.bs4_in512, ...
     c.log_batch(rid, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()], params=params)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "validation.json").write_text(validation.model_dump_json(indent=2))
         if benchmark is not None:
             (d / "benchmark.json").write_text(benchmark.model_dump_json(indent=2))
+            champion = by_alias(c, config.name, CHAMPION)  # before this run's version exists
+            render(benchmark, d, champion=run_metrics(c, champion) if champion else None,
+                   champion_label=f"champion v{champion.version}" if champion else "champion",
+                   tpot_regression_pct=config.benchmark.tpot_regression_pct)  # report.md/.html + PNGs
         (d / "config.json").write_text(config.model_dump_json(indent=2))
         c.log_artifacts(rid, str(d), "reports")
         dep = d / "deployable"
@@ -101,6 +106,37 @@ def log_pipeline_run(
         c.log_artifacts(rid, str(dep), "deployable")
     c.set_terminated(rid)
     return rid
+
+
+def render_run_report(c, run_id: str, out_dir: Path):
+    """Re-render a pipeline run's benchmark report from its MLflow artifacts, against the model line's
+    champion (or `previous`, when this run is the champion). Returns (files, regression gate or None)."""
+    from mlflow.exceptions import MlflowException
+
+    from npuflow.report import regression_gate
+
+    try:
+        run = c.get_run(run_id)
+    except MlflowException as err:
+        raise NpuflowError(f"no MLflow run {run_id!r} at this tracking URI: {str(err)[:200]}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = Path(c.download_artifacts(run_id, "reports/benchmark.json", tmp))
+            report = BenchmarkReport.model_validate_json(path.read_text())
+        except (MlflowException, OSError, ValueError) as err:
+            raise NpuflowError(
+                f"run {run_id} has no readable benchmark report (reports/benchmark.json): {str(err)[:200]}; "
+                "runs whose gates failed are not benchmarked"
+            ) from None
+    name = run.data.params.get("name", "")
+    pct = float(run.data.params.get("benchmark.tpot_regression_pct", 5.0))
+    other, label = by_alias(c, name, CHAMPION), CHAMPION
+    if other is not None and other.run_id == run_id:
+        other, label = by_alias(c, name, PREVIOUS), PREVIOUS
+    theirs = run_metrics(c, other) if other else None
+    files = render(report, out_dir, champion=theirs, tpot_regression_pct=pct,
+                   champion_label=f"{label} v{other.version}" if other else label)
+    return files, regression_gate(dict(run.data.metrics), theirs, pct) if theirs else None
 
 
 def _to_model(v, newly: bool = False) -> ModelVersion:

@@ -86,6 +86,9 @@ class ServeOptions(BaseModel):
     max_body_bytes: int = Field(64 << 10, ge=1024)  # request bodies above this get 413
     max_in_flight: int = Field(64, ge=1)  # requests queued or running per model; above: 503
     seed: int = 0  # routing RNG seed (the same seed, the same sequence of choices)
+    # Tests and rehearsals only: sleep this long before each token the challenger generates, ms. It makes a
+    # challenger measurably slow through the real serving path (no mock) so a canary analysis can fail it.
+    challenger_slowdown_ms: float = Field(0.0, ge=0)
 
 
 # ---- one loaded version ---------------------------------------------------------------------------
@@ -231,8 +234,9 @@ class _Run:
     """
 
     def __init__(self, lm: LoadedModel, prompt_ids: list[int], s: Sampling, metrics: _Metrics,
-                 model_name: str, t0: float):
+                 model_name: str, t0: float, slowdown_s: float = 0.0):
         self.lm, self.prompt_ids, self.s, self.metrics = lm, prompt_ids, s, metrics
+        self.slowdown_s = slowdown_s  # ServeOptions.challenger_slowdown_ms on the challenger, else 0
         self.name, self.t0 = model_name, t0  # t0: request arrival, perf_counter seconds
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -249,6 +253,8 @@ class _Run:
             with self.lm.lock:
                 last = None
                 for delta, finish in generate(self.lm, self.prompt_ids, self.s):
+                    if self.slowdown_s:
+                        time.sleep(self.slowdown_s)
                     now = time.perf_counter()
                     if last is None:
                         self.metrics.ttft.labels(*labels).observe(now - self.t0)
@@ -627,7 +633,8 @@ def create_app(pool: ModelPool) -> FastAPI:
         metrics.requests.labels(name, lm.label).inc()
         run = None
         try:
-            run = _Run(lm, prompt_ids(lm, req), s, metrics, name, t0)
+            slow = opts.challenger_slowdown_ms / 1000 if role == CHALLENGER_ROLE else 0.0
+            run = _Run(lm, prompt_ids(lm, req), s, metrics, name, t0, slow)
             first = await run.next()
         except BaseException as err:
             if run is not None:

@@ -14,7 +14,9 @@ from tasks.common import outcome
 
 @task(name="benchmark", cache_policy=NONE)
 def benchmark_task(deployable: Deployable, cfg: BenchmarkConfig, store_uri: str, cache_dir: Path) -> BenchmarkReport:
-    """TTFT/TPOT percentiles, decode tokens/s, peak memory, model size."""
+    """Every configured scenario: TTFT/TPOT percentiles, tokens/s, roofline, memory; report files too."""
     b = benchmark(deployable, cfg, open_store(store_uri), cache_dir)
-    get_run_logger().info("benchmark: %s; TPOT p50 %.2f ms", outcome(b), b.metrics["tpot_ms_p50"])
+    unstable = [s.name for s in b.scenarios if s.unstable]
+    get_run_logger().info("benchmark: %s; %d scenario(s), TPOT p50 %.2f ms%s", outcome(b), len(b.scenarios),
+                          b.metrics["tpot_ms_p50"], f"; unstable: {', '.join(unstable)}" if unstable else "")
     return b

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from npuflow.backends import cpu
-from npuflow.benchmark import greedy_generate, run_scenario, summarize
-from npuflow.config import BenchmarkConfig
+from npuflow.benchmark import build_report, greedy_generate, measure, run_scenario, summarize
+from npuflow.config import BenchmarkConfig, QuantizationConfig
+from npuflow.quantize import quantize_dir
 from npuflow.runtime import load_quantized
 
 # ---------------------------------------------------------------------------------------------- summarize
@@ -85,4 +86,71 @@ def test_run_scenario_keeps_going_for_min_seconds(quantized_model) -> None:
     cfg = BenchmarkConfig(batch_size=1, input_len=4, output_len=2, warmup=1, iterations=1, min_seconds=1.0)
     scenario, _ = run_scenario(quantized_model, cpu, cfg, vocab_size=128)
     assert scenario.iterations > 1  # one run of a 90k-parameter model takes milliseconds, even on a busy machine
-    assert scenario.iterations * scenario.e2e_ms_p50 >= 0.5 * 1000  # roughly 1 s was spent timing
+    # roughly 1 s was spent timing (the mean, not the median: a busy machine adds a tail the median ignores)
+    assert scenario.iterations * scenario.e2e_ms["mean"] >= 0.5 * 1000
+
+
+@pytest.mark.parametrize(("limit", "flag"), [(1e-9, True), (1e9, False)])
+def test_run_scenario_flags_unstable_tpot(quantized_model, limit: float, flag: bool) -> None:
+    cfg = BenchmarkConfig(batch_size=1, input_len=4, output_len=4, warmup=0, iterations=3,
+                          stability_stdev_pct_max=limit)
+    scenario, _ = run_scenario(quantized_model, cpu, cfg, vocab_size=128)
+    assert scenario.tpot_ms["stdev_pct"] > 0  # timings always differ a little
+    assert scenario.unstable is flag
+
+
+# ---------------------------------------------------------------------------------------------- roofline
+
+
+def test_measure_every_scenario_then_roofline_on_measured_cpu_bandwidth(quantized_llama_dir: Path) -> None:
+    cfg = BenchmarkConfig(scenarios=[{"batch_size": 1, "input_len": 8, "output_len": 4},
+                                     {"batch_size": 2, "input_len": 16, "output_len": 4}],
+                          warmup=1, iterations=2)
+    result = measure(quantized_llama_dir, "cpu", "float32", cfg)
+    assert [s["name"] for s in result["scenarios"]] == ["bs1_in8_out4", "bs2_in16_out4"]
+    assert torch.tensor(result["greedy_tokens"]).shape == (1, 4)  # first scenario's prompt, output_len tokens
+    assert result["kv_bytes_per_element"] == 4  # float32 cache
+    size = sum(p.stat().st_size for p in quantized_llama_dir.glob("*.safetensors"))
+    rep = build_report([result], quantized_llama_dir, "cpu", cpu.device_name(), cfg, size, uri="file:///x",
+                       key="k")
+    assert rep.roofline["bandwidth_gbs"] > 0 and "measured" in rep.roofline["source"]
+    for s in rep.scenarios:
+        r = s.roofline
+        assert r is not None and r.mbu_pct is not None and 0 < r.mbu_pct < 100
+        assert r.mfu_pct is None and "MFU not available" in r.note  # a CPU has no peak FLOPS figure
+        # MBU = (weights + B x KV x mean context) / TPOT p50 / measured bandwidth
+        read = result["weight_bytes"] + s.batch_size * 2 * 2 * 2 * 16 * 4 * (s.input_len + s.output_len / 2)
+        peak = rep.roofline["bandwidth_gbs"] * 1e9  # bytes/s
+        assert r.mbu_pct == pytest.approx(100 * read / (s.tpot_ms["p50"] / 1e3) / peak)
+    assert rep.metrics["tpot_ms_p50"] == rep.scenarios[0].tpot_ms["p50"]
+    assert rep.metrics["mbu_pct"] == rep.scenarios[0].roofline.mbu_pct
+    assert rep.energy.startswith("not measured") or "J over" in rep.energy
+
+
+# ---------------------------------------------------------------------------------------------- repeatability
+
+
+@pytest.fixture(scope="module")
+def demo_quantized_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo-w8a16")
+    quantize_dir(tiny_model_dir, out, QuantizationConfig())
+    return out
+
+
+def test_back_to_back_runs_agree_on_tpot_p50(demo_quantized_dir: Path) -> None:
+    """Issue acceptance: two benchmark runs of the same model, one after the other, within 10% on TPOT p50.
+
+    One intra-op thread: on a shared 2-core machine a 2-thread OpenMP team stalls whenever another
+    process takes a core (measured: 0.9 ms -> 340 ms per step); a single thread only loses whole steps,
+    which the median ignores. 2 s per run pools ~2000 decode steps.
+    """
+    cfg = BenchmarkConfig(batch_size=1, input_len=64, output_len=32, warmup=3, iterations=20, min_seconds=2.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first, second = (measure(demo_quantized_dir, "cpu", "float32", cfg)["scenarios"][0] for _ in range(2))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = first["tpot_ms"]["p50"], second["tpot_ms"]["p50"]
+    assert first["iterations"] >= 20 and second["iterations"] >= 20
+    assert abs(a - b) / min(a, b) <= 0.10, f"TPOT p50 {a:.4f} ms then {b:.4f} ms"

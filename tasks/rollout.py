@@ -1,0 +1,111 @@
+"""Tasks: one rollout stage against the serving process, rollback, approval record and promotion."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+from pydantic import BaseModel, ConfigDict
+
+from npuflow import canary, registry
+from npuflow.config import StageConfig
+from npuflow.errors import NpuflowError
+from npuflow.promstats import VersionStats
+from npuflow.rollout import PromotionDecision, StageVerdict, analyze_stage, apply_promotion
+from npuflow.settings import Settings
+
+
+class StageRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    weight: float  # challenger's traffic share, %
+    verdict: StageVerdict
+    load: canary.LoadSummary
+    challenger: VersionStats  # this stage's interval
+    champion: VersionStats  # this stage's interval
+
+
+def _client():
+    return registry.client(Settings().resolved_tracking_uri)
+
+
+@task(name="resolve-versions", cache_policy=NONE)
+def resolve_versions_task(name: str) -> tuple[registry.ModelVersion, registry.ModelVersion]:
+    """The candidate (challenger) and the champion; a rollout needs both, and two different versions."""
+    c = _client()
+    cand, champ = registry.by_alias(c, name, registry.CANDIDATE), registry.by_alias(c, name, registry.CHAMPION)
+    if cand is None or champ is None:
+        raise NpuflowError(f"{name}: a rollout needs a `candidate` and a `champion` alias; "
+                           f"have {sorted(registry.aliases(c, name))}")
+    if cand.version == champ.version:
+        raise NpuflowError(f"{name}: the candidate (version {cand.version}) already is the champion")
+    return cand, champ
+
+
+@task(name="rollout-stage", cache_policy=NONE)
+def stage_task(url: str, name: str, stage: StageConfig, prompts: list[str], candidate: str, champion: str,
+               max_tokens: int, concurrency: int, champion_baseline: VersionStats | None) -> StageRecord:
+    """Route the stage's share to the challenger, drive bounded load, then judge the interval's /metrics."""
+    log = get_run_logger()
+    h = canary.health(url)
+    served = {k: (h.get(k) or {}).get("version") for k in ("champion", "challenger")}
+    if served != {"champion": champion, "challenger": candidate} or h["challenger"]["status"] != "serving":
+        reason = (h.get("challenger") or {}).get("reason") or f"serving {served}"
+        verdict = StageVerdict(result="fail", reasons=[f"{stage.name}: the server does not serve champion "
+                                                       f"{champion} + challenger {candidate}: {reason}"])
+        empty = canary.LoadSummary(sent=0, by_role={}, failed=0, elapsed_s=0.0)
+        return StageRecord(name=stage.name, weight=stage.weight, verdict=verdict, load=empty,
+                           challenger=VersionStats(version=candidate), champion=VersionStats(version=champion))
+    canary.set_weights(url, 100 - stage.weight, stage.weight)
+    before = canary.read_stats(url, name)
+    t0 = time.monotonic()
+    load = canary.run_load(url, name, prompts, stage, max_tokens, concurrency)
+    after = canary.read_stats(url, name)
+    elapsed = time.monotonic() - t0
+    chal = after.get(candidate, VersionStats(version=candidate)).minus(before.get(candidate))
+    champ = after.get(champion, VersionStats(version=champion)).minus(before.get(champion))
+    baseline = champ if champ.requests > 0 else champion_baseline
+    verdict = analyze_stage(stage, chal, baseline, elapsed)
+    log.info("stage %s %g%%: %s (%s); load %s", stage.name, stage.weight, verdict.result,
+             "; ".join(verdict.reasons), load.model_dump())
+    return StageRecord(name=stage.name, weight=stage.weight, verdict=verdict, load=load, challenger=chal,
+                       champion=champ)
+
+
+@task(name="rollback", cache_policy=NONE)
+def rollback_task(url: str, candidate: registry.ModelVersion, state: str, reason: str) -> None:
+    """All traffic back to the champion at once, then the decision and its reason on the version.
+    Aliases are not touched: the champion never stopped being the champion."""
+    try:
+        canary.set_weights(url, 100, 0)
+    finally:
+        registry.tag_version(_client(), candidate, {"rollout": state, "rollout_reason": reason[:4900]})
+    get_run_logger().warning("rollout %s: %s", state, reason)
+
+
+@task(name="record-approval", cache_policy=NONE)
+def record_approval_task(candidate: registry.ModelVersion, approved: bool, reviewer: str, comment: str) -> None:
+    registry.tag_version(_client(), candidate, {"approved": "true" if approved else "false",
+                                                "approved_by": reviewer, "approval_comment": comment[:4900]})
+
+
+@task(name="approved-in-registry", cache_policy=NONE)
+def registry_approval_task(candidate: registry.ModelVersion) -> str | None:
+    """The reviewer recorded on the version when someone set its tag `approved=true`, else None."""
+    v = registry.by_alias(_client(), candidate.name, registry.CANDIDATE)
+    tags = v.tags if v is not None and v.version == candidate.version else candidate.tags
+    return tags.get("approved_by", "registry tag approved=true") if tags.get("approved") == "true" else None
+
+
+@task(name="promote-rollout", cache_policy=NONE)
+def promote_rollout_task(url: str, candidate: registry.ModelVersion, champion: registry.ModelVersion,
+                         reasons: list[str], approved_by: str) -> dict[str, str]:
+    """champion -> candidate, previous -> old champion (tagged rollout=promoted); the server reloads."""
+    decision = PromotionDecision(action="promote", reasons=reasons, candidate_version=candidate.version,
+                                 champion_version=champion.version)
+    c = _client()
+    apply_promotion(c, candidate, decision, approved_by=approved_by)
+    canary.set_weights(url, 100, 0)
+    canary.reload(url)
+    return registry.aliases(c, candidate.name)

@@ -135,22 +135,3 @@ def demo_quantized_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     out = tmp_path_factory.mktemp("demo-w8a16")
     quantize_dir(tiny_model_dir, out, QuantizationConfig())
     return out
-
-
-def test_back_to_back_runs_agree_on_tpot_p50(demo_quantized_dir: Path) -> None:
-    """Issue acceptance: two benchmark runs of the same model, one after the other, within 10% on TPOT p50.
-
-    One intra-op thread: on a shared 2-core machine a 2-thread OpenMP team stalls whenever another
-    process takes a core (measured: 0.9 ms -> 340 ms per step); a single thread only loses whole steps,
-    which the median ignores. 2 s per run pools ~2000 decode steps.
-    """
-    cfg = BenchmarkConfig(batch_size=1, input_len=64, output_len=32, warmup=3, iterations=20, min_seconds=2.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        first, second = (measure(demo_quantized_dir, "cpu", "float32", cfg)["scenarios"][0] for _ in range(2))
-    finally:
-        torch.set_num_threads(threads)
-    a, b = first["tpot_ms"]["p50"], second["tpot_ms"]["p50"]
-    assert first["iterations"] >= 20 and second["iterations"] >= 20
-    assert abs(a - b) / min(a, b) <= 0.10, f"TPOT p50 {a:.4f} ms then {b:.4f} ms"

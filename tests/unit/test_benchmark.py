@@ -11,8 +11,7 @@ import torch
 
 from npuflow.backends import cpu
 from npuflow.benchmark import build_report, greedy_generate, measure, run_scenario, summarize
-from npuflow.config import BenchmarkConfig, QuantizationConfig
-from npuflow.quantize import quantize_dir
+from npuflow.config import BenchmarkConfig
 from npuflow.runtime import load_quantized
 
 # ---------------------------------------------------------------------------------------------- summarize
@@ -125,13 +124,3 @@ def test_measure_every_scenario_then_roofline_on_measured_cpu_bandwidth(quantize
     assert rep.metrics["tpot_ms_p50"] == rep.scenarios[0].tpot_ms["p50"]
     assert rep.metrics["mbu_pct"] == rep.scenarios[0].roofline.mbu_pct
     assert rep.energy.startswith("not measured") or "J over" in rep.energy
-
-
-# ---------------------------------------------------------------------------------------------- repeatability
-
-
-@pytest.fixture(scope="module")
-def demo_quantized_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demo-w8a16")
-    quantize_dir(tiny_model_dir, out, QuantizationConfig())
-    return out

@@ -16,6 +16,12 @@ TEXT_SCHEMES = ("file://", "s3://", "builtin:")
 Device = Literal["cpu", "cuda", "npu"]
 
 
+def _text_uri(v: str, what: str) -> str:
+    if not v.startswith(TEXT_SCHEMES):
+        raise ValueError(f"unknown {what} scheme in {v!r}; allowed: {', '.join(TEXT_SCHEMES)}")
+    return v
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -60,12 +66,7 @@ class CalibrationConfig(_Frozen):
     samples: int = Field(32, ge=1)  # windows of seq_len tokens
     seq_len: int = Field(128, ge=8)  # tokens per window
 
-    @field_validator("text")
-    @classmethod
-    def _text_scheme(cls, v: str) -> str:
-        if not v.startswith(TEXT_SCHEMES):
-            raise ValueError(f"unknown calibration text scheme in {v!r}; allowed: {', '.join(TEXT_SCHEMES)}")
-        return v
+    _text_scheme = field_validator("text")(lambda v: _text_uri(v, "calibration text"))
 
 
 class QuantizationConfig(_Frozen):
@@ -127,12 +128,7 @@ class ValidationConfig(_Frozen):
     batch_size: int = Field(8, ge=1)  # windows per forward pass
     gates: GateConfig = GateConfig()
 
-    @field_validator("eval_text")
-    @classmethod
-    def _text_scheme(cls, v: str) -> str:
-        if not v.startswith(TEXT_SCHEMES):
-            raise ValueError(f"unknown eval_text scheme in {v!r}; allowed: {', '.join(TEXT_SCHEMES)}")
-        return v
+    _text_scheme = field_validator("eval_text")(lambda v: _text_uri(v, "eval_text"))
 
 
 class ScenarioConfig(_Frozen):

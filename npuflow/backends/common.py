@@ -29,3 +29,10 @@ def linear_w4a16_reference(
     s = scale.to(x.dtype).repeat_interleave(group_size, dim=1)  # (out, in)
     z = zero.to(x.dtype).repeat_interleave(group_size, dim=1)
     return torch.nn.functional.linear(x, (qweight.to(x.dtype) - z) * s)
+
+
+def prepare_with_inductor(model: torch.nn.Module, graph: bool = False) -> torch.nn.Module:
+    """HF modules as they are (SDPA attention); graph mode compiles the forward with inductor."""
+    if graph:
+        model.forward = torch.compile(model.forward, dynamic=True)
+    return model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from npuflow.backends.common import library_versions, linear_w4a16_reference
+from npuflow.backends.common import library_versions, linear_w4a16_reference, prepare_with_inductor
 
 NAME = "cuda"
 
@@ -35,18 +35,10 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) ->
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
-def linear_w4a16(
-    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """int4 weights: a dequantized matmul (the packed int4 kernel is the backends issue's work)."""
-    return linear_w4a16_reference(x, qweight, scale, zero, group_size)
-
-
-def prepare(model: torch.nn.Module, graph: bool = False) -> torch.nn.Module:
-    """HF modules as they are (SDPA attention); graph mode compiles the forward with inductor."""
-    if graph:
-        model.forward = torch.compile(model.forward, dynamic=True)
-    return model
+# int4 weights: a dequantized matmul (the packed int4 kernel is the backends issue's work);
+# HF modules as they are (SDPA attention), graph mode compiled with inductor
+linear_w4a16 = linear_w4a16_reference
+prepare = prepare_with_inductor
 
 
 def kernels(dtype: torch.dtype) -> dict[str, str]:

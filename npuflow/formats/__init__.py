@@ -53,6 +53,23 @@ class QuantizedWeight:
 
 Shard = dict[str, "torch.Tensor | QuantizedWeight"]
 
+# layers the serving engines (vLLM, vllm-ascend) load fused from HF's separate projections
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fused_mismatches(types: dict[str, str]) -> list[str]:
+    """Fused layers whose HF parts differ in type (tensor name -> a type label); the engines refuse those."""
+    bad = []
+    for name in types:
+        for fused, parts in FUSED.items():
+            if not name.endswith(f".{parts[0]}.weight"):
+                continue
+            stem = name.removesuffix(f"{parts[0]}.weight")
+            found = {p: types.get(f"{stem}{p}.weight") for p in parts}
+            if len(set(found.values())) > 1:
+                bad.append(f"{stem}{fused} ({', '.join(f'{p}: {t}' for p, t in found.items())})")
+    return bad
+
 
 class Writer(Protocol):
     def add_shard(self, shard: str, tensors: Shard) -> None: ...

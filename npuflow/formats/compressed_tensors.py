@@ -35,12 +35,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from npuflow.errors import ConfigError, NpuflowError
-from npuflow.formats import QuantizedWeight, Shard
+from npuflow.formats import QuantizedWeight, Shard, fused_mismatches
 
 INDEX = "model.safetensors.index.json"  # the index vLLM reads to pick the shards
 FORMAT = "pack-quantized"
 PACKED, SCALE, SHAPE, ZERO = "weight_packed", "weight_scale", "weight_shape", "weight_zero_point"
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # vLLM Llama
 FLOAT_ONLY = ("model.embed_tokens.weight", "lm_head.weight")  # vLLM loads these through VocabParallelEmbedding
 
 
@@ -61,21 +60,6 @@ def unpack_int32(packed: torch.Tensor, bits: int) -> torch.Tensor:
     words = packed.to(torch.int64) & 0xFFFFFFFF
     v = (words[..., None] >> (torch.arange(per_word, dtype=torch.int64) * bits)) & (2**bits - 1)
     return v.reshape(packed.shape[0], -1)
-
-
-def fused_mismatches(quantized: dict[str, bool]) -> list[str]:
-    """Fused layers whose HF shards are not all quantized or all float; vLLM refuses those."""
-    bad = []
-    for name in quantized:
-        for fused, parts in FUSED.items():
-            if not name.endswith(f".{parts[0]}.weight"):
-                continue
-            stem = name.removesuffix(f"{parts[0]}.weight")
-            found = {p: quantized.get(f"{stem}{p}.weight") for p in parts}
-            if len(set(found.values())) > 1:
-                bad.append(f"{stem}{fused} (" + ", ".join(
-                    f"{p}: {'int' if q else 'float'}" for p, q in found.items()) + ")")
-    return bad
 
 
 class Writer:
@@ -113,7 +97,7 @@ class Writer:
         self.weight_map.update(dict.fromkeys(out, shard))
 
     def finish(self) -> list[str]:
-        bad = fused_mismatches(self.quantized)
+        bad = fused_mismatches({k: 'int' if q else 'float' for k, q in self.quantized.items()})
         if bad:
             raise ConfigError(
                 "vLLM loads q/k/v_proj and gate/up_proj as fused layers that are quantized all or none "

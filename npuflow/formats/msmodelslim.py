@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from npuflow.errors import ConfigError, NpuflowError
-from npuflow.formats import QuantizedWeight, Shard
+from npuflow.formats import QuantizedWeight, Shard, fused_mismatches
 
 DESCRIPTION = "quant_model_description.json"
 VERSION = "1.0.0"  # the description version msmodelslim's AscendV1Saver writes
@@ -45,22 +45,7 @@ FLOAT = "FLOAT"
 # npuflow scheme -> msmodelslim quant type that vllm-ascend runs on dense linears (methods/registry.py)
 QUANT_TYPES = {"w8a16": "W8A16"}
 # vLLM's LlamaForCausalLM.packed_modules_mapping: HF shards that vllm-ascend loads as one fused layer
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 EMBED = "model.embed_tokens.weight"
-
-
-def fused_mismatches(types: dict[str, str]) -> list[str]:
-    """Fused layers whose HF shards differ in type (name -> "W8A16" | "FLOAT"); vllm-ascend refuses those."""
-    bad = []
-    for name in types:
-        for fused, parts in FUSED.items():
-            if not name.endswith(f".{parts[0]}.weight"):
-                continue
-            stem = name.removesuffix(f"{parts[0]}.weight")
-            found = {p: types.get(f"{stem}{p}.weight") for p in parts}
-            if len(set(found.values())) > 1:
-                bad.append(f"{stem}{fused} ({', '.join(f'{p}: {t}' for p, t in found.items())})")
-    return bad
 
 
 class Writer:

@@ -215,10 +215,36 @@ def convert(artifact: Annotated[Path, typer.Argument(help="Quantized model direc
     _emit(info, as_json, "convert")
 
 
+@app.command("export-onnx")
+def export_onnx_cmd(
+        artifact: Annotated[Path, typer.Argument(help="Quantized model directory (quant_manifest.json).")],
+        output: Annotated[Path, typer.Option("--output", help="Directory to create (the offline model).")],
+        seq_len: Annotated[int, typer.Option(help="Tokens per sequence: the offline model's static T.")] = 128,
+        batch_size: Annotated[int, typer.Option(help="Sequences per call: the static B.")] = 1,
+        soc_version: Annotated[str, typer.Option(help="ATC target, as `npu-smi info` names it.")] = "Ascend910B2",
+        as_json: JsonOpt = False) -> None:
+    """Export the prefill forward to ONNX, check it with onnxruntime, compile it with ATC when on PATH."""
+    from npuflow.offline import export_onnx
+
+    result = export_onnx(artifact, output, seq_len=seq_len, batch_size=batch_size, soc_version=soc_version)
+    _emit({"output": result.output, "onnx_file": result.onnx_file, "onnx_bytes": result.onnx_bytes,
+           "opset": result.opset, "input_shapes": result.input_shapes, "max_abs_diff": result.check.max_abs_diff,
+           "top1_agreement": result.check.top1_agreement, "export_seconds": result.export_seconds,
+           "soc_version": result.soc_version, "atc": result.atc.status}, as_json, "export-onnx")
+
+
 @app.command()
-def benchmark(model: Annotated[Path, typer.Argument(help="Quantized model directory.")],
+def benchmark(model: Annotated[Path, typer.Argument(
+                  help="npuflow: a quantized (or converted) model directory; hf-eager: an unquantized HF one.")],
               device: Annotated[str, typer.Option(help="cpu, cuda or npu.")] = "cpu",
-              dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+              runtime: Annotated[str, typer.Option(
+                  help="npuflow (quantized, the backend's kernels, static KV cache, compiled decode with "
+                       "--graph) or hf-eager (plain transformers on the unquantized model, fp32).")] = "npuflow",
+              graph: Annotated[bool, typer.Option(
+                  "--graph/--eager", help="npuflow: compile the decode step (torch.compile / torchair).")] = True,
+              dtype: Annotated[str, typer.Option(
+                  help="auto (npuflow: the backend's default; hf-eager: float32), float32, bfloat16, float16.")]
+              = "auto",
               batch_size: Annotated[int, typer.Option(help="Sequences per batch (without --scenarios).")] = 1,
               input_len: Annotated[int, typer.Option(help="Prompt tokens (without --scenarios).")] = 128,
               output_len: Annotated[int, typer.Option(help="Generated tokens, fixed (no --scenarios).")] = 32,
@@ -238,10 +264,28 @@ def benchmark(model: Annotated[Path, typer.Argument(help="Quantized model direct
     """Time TTFT and TPOT per scenario on DEVICE (single: this process; tensor-parallel: torchrun ranks)."""
     import yaml
 
-    from npuflow.benchmark import benchmark_dir
+    from npuflow.backends import get_backend
+    from npuflow.benchmark import RUNTIMES, benchmark_dir
     from npuflow.config import BenchmarkConfig, format_validation_error
     from npuflow.report import render, scenario_metrics
+    from npuflow.runtime import DTYPES
 
+    backend = get_backend(device)  # a missing device: exit 2 before any work
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown --runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"unknown --dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
+    if dtype == "auto":
+        dtype = "float32" if runtime == "hf-eager" else str(backend.default_dtype()).removeprefix("torch.")
+    quantized = (model / "quant_manifest.json").is_file()
+    if runtime == "npuflow" and not quantized:
+        raise ConfigError(f"{model} is not a quantized model directory (no quant_manifest.json); "
+                          "run `npuflow quantize`, or use --runtime hf-eager for an unquantized model")
+    if runtime == "hf-eager" and (quantized or not (model / "config.json").is_file()):
+        raise ConfigError(f"--runtime hf-eager runs plain transformers on the unquantized model: pass its "
+                          f"directory (config.json + safetensors; the quantize source), not {model}")
+    if runtime == "hf-eager" and mode != "single":
+        raise ConfigError("--runtime hf-eager is the single-device baseline; use --mode single")
     listed = None
     if scenarios is not None:
         try:
@@ -258,14 +302,13 @@ def benchmark(model: Annotated[Path, typer.Argument(help="Quantized model direct
     except ValueError as err:
         detail = format_validation_error(err, BenchmarkConfig) if hasattr(err, "errors") else str(err)
         raise ConfigError(f"bad option:\n{detail}") from None
-    if not (model / "quant_manifest.json").is_file():
-        raise ConfigError(f"{model} is not a quantized model directory (no quant_manifest.json); "
-                          "run `npuflow quantize`")
-    rep = benchmark_dir(model, device, dtype, cfg, single_baseline=single_baseline)
+    rep = benchmark_dir(model, device, dtype, cfg, single_baseline=single_baseline, runtime=runtime, graph=graph)
     files = render(rep, report, tpot_regression_pct=cfg.tpot_regression_pct) if report else []
     greedy = rep.greedy_tokens
     data = {
         **rep.metrics, "energy": rep.energy, "mode": cfg.mode, "tp": cfg.tp, "device_name": rep.device_name,
+        "runtime": rep.method["runtime"].get(cfg.mode, runtime), "dtype": dtype,
+        "first_run_s": rep.method["first_run_s"],
         "greedy_tokens": greedy,
         "greedy_tokens_match": (greedy.get("tensor-parallel") == greedy.get("single")) if len(greedy) > 1
         else None,
@@ -482,6 +525,48 @@ def rollout_cmd(
     _emit(record.model_dump(exclude={"stages"}) | {"stages": [
         f"{s.name} {s.weight:g}%: {s.verdict.result}" for s in record.stages]}, as_json,
         f"rollout {record.name}: v{record.candidate_version} {record.decision}")
+
+
+@app.command("deploy")
+def deploy_cmd(
+        config: Annotated[Path, typer.Option("--config", help="Run config YAML: the deployments' default "
+                                             "parameters; its convert.device picks the work pool.")],
+        cron: Annotated[str, typer.Option(help="nightly-check's schedule (minute hour day month weekday).")]
+        = "0 2 * * *",
+        timezone: Annotated[str, typer.Option(help="IANA time zone of the cron schedule.")] = "UTC",
+        api_url: Annotated[str | None, typer.Option(
+            "--api-url", envvar="PREFECT_API_URL", show_envvar=True,
+            help="Prefect server API, e.g. http://127.0.0.1:4200/api.")] = None,
+        working_dir: Annotated[Path | None, typer.Option(
+            help="Where workers run the flows (relative file:// URIs and .npuflow resolve there; default: here).")]
+        = None,
+        as_json: JsonOpt = False) -> None:
+    """Register the `release` (on demand) and `nightly-check` (cron) deployments on a Prefect server."""
+    from npuflow.config import load_config
+
+    cfg = load_config(config)
+    from flows.deploy import api_url_or_error, check_schedule, deploy
+
+    check_schedule(cron, timezone)
+    url = api_url_or_error(api_url)  # before the flows are imported: a missing server fails fast, exit 2
+    deployed, created = deploy(cfg, url, cron=cron, timezone=timezone, working_dir=working_dir)
+    if as_json:
+        _emit({"api_url": url, "work_pools_created": created, "deployments": [d.model_dump() for d in deployed]},
+              True, "")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"deployments on {url}")
+    for col in ("deployment", "id", "work pool", "schedule"):
+        table.add_column(col)
+    for d in deployed:
+        table.add_row(d.name, d.id, d.work_pool, d.schedule or "on demand")
+    console = Console()
+    console.print(table)
+    console.print(f"work pools created: {', '.join(created) or 'none (all existed)'}; flows run in {deployed[0].working_dir}")
+    console.print(f"start a worker: prefect worker start --pool {deployed[0].work_pool}   "
+                  f"run now: prefect deployment run '{deployed[0].name}'")
 
 
 def main() -> None:

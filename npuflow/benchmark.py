@@ -35,6 +35,7 @@ from npuflow.artifacts import (
 from npuflow.backends import get_backend
 from npuflow.config import BenchmarkConfig, ScenarioConfig
 from npuflow.devices import DEVICES, DeviceSpec, get_device
+from npuflow.engine import Engine
 from npuflow.errors import NpuflowError
 from npuflow.plan import kv_bytes_per_token, model_shape
 from npuflow.report import is_unstable, primary, primary_metrics, render, roofline
@@ -42,7 +43,7 @@ from npuflow.runtime import DTYPES, load_quantized
 from npuflow.store import Store
 
 log = logging.getLogger("npuflow.benchmark")
-CODE_VERSION = "benchmark-2"
+CODE_VERSION = "benchmark-3"  # 3: the npuflow runtime is timed through the engine
 ENERGY_SOURCES = {"cpu": "RAPL package counter", "cuda": "NVML total energy counter",
                   "npu": "npu-smi power sampling"}
 # device name fragment -> npuflow.devices key; only names that pin the variant (an A100 40GB is not an
@@ -63,31 +64,81 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 @torch.inference_mode()
 def timed_generation(model, backend, prompt: torch.Tensor, output_len: int) -> tuple[float, list[float], float]:
-    """Greedy decode of exactly output_len tokens; returns (ttft_ms, per-step decode ms, end-to-end ms)."""
-    t0 = backend.now_ms()
-    out = model(prompt, use_cache=True)  # prefill: (B, T_in) -> logits (B, T_in, V), KV cache
-    token = out.logits[:, -1:].argmax(-1)  # (B, 1)
-    t1 = backend.now_ms()
-    steps = []
-    cache = out.cache
-    for _ in range(output_len - 1):
-        s = backend.now_ms()
-        out = model(token, cache=cache, use_cache=True)
-        cache = out.cache
-        token = out.logits[:, -1:].argmax(-1)
-        steps.append(backend.now_ms() - s)
-    return t1 - t0, steps, backend.now_ms() - t0
+    """HF's own loop (DynamicCache): greedy decode of exactly output_len tokens;
+    returns (ttft_ms, per-step decode ms, end-to-end ms)."""
+    ttft, steps, e2e, _ = HFLoop(model, backend)(prompt, output_len)
+    return ttft, steps, e2e
 
 
 @torch.inference_mode()
 def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy continuation (B, new_tokens) with the same loop the benchmark times."""
+    """Greedy continuation (B, new_tokens) with HF's loop (DynamicCache)."""
     out = model(prompt, use_cache=True)
     tokens = [out.logits[:, -1:].argmax(-1)]
     for _ in range(new_tokens - 1):
         out = model(tokens[-1], cache=out.cache, use_cache=True)
         tokens.append(out.logits[:, -1:].argmax(-1))
     return torch.cat(tokens, dim=1)
+
+
+class HFLoop:
+    """Generation as plain transformers does it: forward with a DynamicCache that grows every step."""
+
+    name = "hf"
+
+    def __init__(self, model, backend):
+        self.model, self.backend = model, backend
+
+    @torch.inference_mode()
+    def __call__(self, prompt: torch.Tensor, output_len: int) -> tuple[float, list[float], float, torch.Tensor]:
+        """prompt (B, T) -> (ttft_ms, per-step decode ms, end-to-end ms, tokens (B, output_len))."""
+        now = self.backend.now_ms
+        t0 = now()
+        out = self.model(prompt, use_cache=True)  # prefill: logits (B, T_in, V) and the KV cache
+        token = out.logits[:, -1:].argmax(-1)  # (B, 1)
+        t1 = now()
+        steps, tokens, cache = [], [token], out.cache
+        for _ in range(output_len - 1):
+            s = now()
+            out = self.model(token, cache=cache, use_cache=True)
+            cache = out.cache
+            token = out.logits[:, -1:].argmax(-1)
+            steps.append(now() - s)
+            tokens.append(token)
+        return t1 - t0, steps, now() - t0, torch.cat(tokens, dim=1)
+
+
+class EngineLoop:
+    """The npuflow runtime's generation: a static KV cache and, in graph mode, a compiled decode step
+    (npuflow.engine). One engine per (batch, cache length), so each shape compiles once."""
+
+    name = "engine"
+
+    def __init__(self, model, backend, compile: bool):
+        self.model, self.backend, self.compile = model, backend, compile
+        self.engines: dict[tuple[int, int], Engine] = {}
+        self.first_run_s: dict[tuple[int, int], float] = {}  # includes compilation in graph mode
+
+    @torch.inference_mode()
+    def __call__(self, prompt: torch.Tensor, output_len: int) -> tuple[float, list[float], float, torch.Tensor]:
+        shape = (prompt.shape[0], prompt.shape[1] + output_len)
+        engine = self.engines.get(shape)
+        if engine is None:
+            engine = self.engines[shape] = Engine(self.model, max_len=shape[1], compile=self.compile)
+            t = time.perf_counter()
+            engine.generate(prompt, min(output_len, 3))  # the first steps trace and compile in graph mode
+            self.first_run_s[shape] = time.perf_counter() - t
+        now = self.backend.now_ms
+        t0 = now()
+        token = engine.prefill(prompt)
+        t1 = now()
+        steps, tokens = [], [token]
+        for _ in range(output_len - 1):
+            s = now()
+            token = engine.decode(token)
+            steps.append(now() - s)
+            tokens.append(token)
+        return t1 - t0, steps, now() - t0, torch.cat(tokens, dim=1)
 
 
 def make_prompt(sc: ScenarioConfig, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -102,17 +153,20 @@ def _alone(go: bool) -> bool:
 
 def run_scenario(model, backend, cfg: BenchmarkConfig, vocab_size: int,
                  scenario: ScenarioConfig | None = None,
-                 agree: Callable[[bool], bool] = _alone) -> tuple[Scenario, float | None]:
+                 agree: Callable[[bool], bool] = _alone,
+                 loop: HFLoop | EngineLoop | None = None) -> tuple[Scenario, float | None]:
     """One scenario (default: cfg's first) in this process; returns it and the energy used in joules
-    (None: no counter). `agree` turns this process's "run again?" into every rank's (tensor-parallel)."""
+    (None: no counter). `agree` turns this process's "run again?" into every rank's (tensor-parallel).
+    `loop` drives generation (default: HF's loop)."""
     sc = scenario or cfg.resolved_scenarios[0]
+    gen = loop or HFLoop(model, backend)
     prompt = make_prompt(sc, vocab_size, backend.device())
     for _ in range(cfg.warmup):
-        timed_generation(model, backend, prompt, sc.output_len)
+        gen(prompt, sc.output_len)
     ttfts, steps, e2es = [], [], []
     e0, start = backend.energy_joules(), time.perf_counter()
     while agree(len(ttfts) < cfg.iterations or time.perf_counter() - start < cfg.min_seconds):
-        ttft, st, e2e = timed_generation(model, backend, prompt, sc.output_len)
+        ttft, st, e2e, _ = gen(prompt, sc.output_len)
         ttfts.append(ttft)
         steps += st
         e2es.append(e2e)
@@ -144,33 +198,59 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def measure_loaded(model, backend, cfg: BenchmarkConfig, agree: Callable[[bool], bool] = _alone,
-                   mode: str = "single", devices: int = 1) -> dict:
+                   mode: str = "single", devices: int = 1, loop: HFLoop | EngineLoop | None = None,
+                   runtime: str = "npuflow-eager") -> dict:
     """Every configured scenario on a loaded model, then the greedy continuation of the first prompt."""
+    gen = loop or HFLoop(model, backend)
     scenarios = []
     vocab = model.config.vocab_size
     for sc in cfg.resolved_scenarios:
         backend.reset_peak_memory()
-        s, _ = run_scenario(model, backend, cfg, vocab, sc, agree)
+        s, _ = run_scenario(model, backend, cfg, vocab, sc, agree, gen)
         scenarios.append(s.model_copy(update={"mode": mode, "devices": devices,
                                               "peak_memory_mb": backend.peak_memory_mb()}).model_dump())
         log.info("%s %s: TTFT p50 %.2f ms, TPOT p50 %.3f ms (stdev %.1f%%)", mode, sc.name, s.ttft_ms["p50"],
                  s.tpot_ms["p50"], s.tpot_ms["stdev_pct"])
     first = cfg.resolved_scenarios[0]
-    tokens = greedy_generate(model, make_prompt(first, vocab, backend.device()), first.output_len)
+    tokens = gen(make_prompt(first, vocab, backend.device()), first.output_len)[3]
     return {
-        "mode": mode, "devices": devices, "scenarios": scenarios,
+        "mode": mode, "devices": devices, "scenarios": scenarios, "runtime": runtime, "loop": gen.name,
+        "first_run_s": {f"bs{b}_len{n}": round(t, 3) for (b, n), t in getattr(gen, "first_run_s", {}).items()},
         "peak_memory_mb": max(s["peak_memory_mb"] or 0.0 for s in scenarios),
         "weight_bytes": model_bytes(model), "kv_bytes_per_element": torch.finfo(model.dtype).bits // 8,
         "greedy_tokens": tokens.tolist(), "energy_note": backend.energy_unavailable(),
     }
 
 
-def measure(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig) -> dict:
+RUNTIMES = ("npuflow", "hf-eager")
+
+
+def load_runtime(model_dir: Path, backend, dtype: torch.dtype, runtime: str = "npuflow", graph: bool = False,
+                 loop: str = "engine"):
+    """(model, generation loop, runtime label). npuflow: the quantized artifact on the backend's kernels,
+    generated by the engine (static KV cache; decode compiled in graph mode) or, loop "hf", by HF's loop;
+    hf-eager: plain transformers on an unquantized checkpoint, HF's loop (the baseline users know)."""
+    if runtime == "hf-eager":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(backend.device()).eval()
+        return model, HFLoop(model, backend), "hf-eager"
+    if runtime != "npuflow":
+        raise NpuflowError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+    model = load_quantized(model_dir, backend, dtype)
+    if loop == "hf":
+        return model, HFLoop(model, backend), "npuflow-eager (HF loop)"
+    label = "npuflow-graph" if graph else "npuflow-eager"
+    return model, EngineLoop(model, backend, compile=graph), label
+
+
+def measure(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig, runtime: str = "npuflow",
+            graph: bool = False, loop: str = "engine") -> dict:
     """The single-device measurement (the stage runs it in a child process): load, then every scenario."""
     backend = get_backend(device)
     backend.reset_peak_memory()
-    model = load_quantized(model_dir, backend, DTYPES[dtype])
-    return measure_loaded(model, backend, cfg)
+    model, gen, label = load_runtime(model_dir, backend, DTYPES[dtype], runtime, graph, loop)
+    return measure_loaded(model, backend, cfg, loop=gen, runtime=label)
 
 
 def peak_spec(device: str, device_name: str, override: str | None = None) -> tuple[DeviceSpec | None, str]:
@@ -217,6 +297,8 @@ def build_report(results: list[dict], model_dir: Path, device: str, device_name:
         "stability_stdev_pct_max": cfg.stability_stdev_pct_max,
         "tpot_regression_pct": cfg.tpot_regression_pct,
         "timing": f"the {device} backend's clock (now_ms synchronises the device)",
+        "runtime": {r["mode"]: r.get("runtime", "") for r in results},
+        "first_run_s": {r["mode"]: r.get("first_run_s", {}) for r in results},
     }
     peaks = {"device_spec": dev.name if dev else None, "bandwidth_gbs": dev.bandwidth_gbs if dev else None,
              "fp16_tflops": (dev.fp16_tflops or None) if dev else None, "source": dev.source if dev else note,
@@ -236,10 +318,13 @@ def build_report(results: list[dict], model_dir: Path, device: str, device_name:
 
 
 def benchmark_dir(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig,
-                  single_baseline: bool = True) -> BenchmarkReport:
+                  single_baseline: bool = True, runtime: str = "npuflow", graph: bool = False) -> BenchmarkReport:
     """`npuflow benchmark`: single device in this process; mode tensor-parallel adds cfg.tp ranks under
-    torchrun (and keeps the single-device run as its baseline unless `single_baseline` is False)."""
-    results = [measure(model_dir, device, dtype, cfg)] if cfg.mode == "single" or single_baseline else []
+    torchrun (and keeps the single-device run as its baseline unless `single_baseline` is False; both
+    then use HF's loop, which the sharded model runs)."""
+    loop = "hf" if cfg.mode == "tensor-parallel" else "engine"
+    results = ([measure(model_dir, device, dtype, cfg, runtime, graph, loop)]
+               if cfg.mode == "single" or single_baseline else [])
     if cfg.mode == "tensor-parallel":
         from npuflow.parallel import launch
 
@@ -249,8 +334,9 @@ def benchmark_dir(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig
                         uri=model_dir.resolve().as_uri(), key=model_dir.name)
 
 
-def _measure_in_child(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig) -> dict:
+def _measure_in_child(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig, graph: bool) -> dict:
     cmd = [sys.executable, "-m", "npuflow.benchmark", str(model_dir), device, dtype, cfg.model_dump_json()]
+    cmd += ["--graph"] if graph else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise NpuflowError(f"the benchmark process failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -278,7 +364,8 @@ def benchmark(deployable: Deployable, cfg: BenchmarkConfig, store: Store, cache_
         log.info("tensor-parallel: %d ranks", cfg.tp)
         results = [launch(model_dir, deployable.device, deployable.dtype, cfg, cfg.tp)]
     else:
-        results = [_measure_in_child(model_dir, deployable.device, deployable.dtype, cfg)]
+        results = [_measure_in_child(model_dir, deployable.device, deployable.dtype, cfg,
+                                     deployable.runtime == "npuflow-graph")]
     report = build_report(results, model_dir, deployable.device, deployable.device_name, cfg,
                           quantized.size_bytes, uri=store.url(key), key=key,
                           deployable_manifest_sha256=deployable.manifest_sha256, label=deployable.name)
@@ -298,8 +385,10 @@ def _main() -> None:
     p.add_argument("device")
     p.add_argument("dtype")
     p.add_argument("config_json")
+    p.add_argument("--graph", action="store_true", help="compile the decode step (the deployable's graph mode)")
     a = p.parse_args()
-    result = measure(a.model_dir, a.device, a.dtype, BenchmarkConfig.model_validate_json(a.config_json))
+    result = measure(a.model_dir, a.device, a.dtype, BenchmarkConfig.model_validate_json(a.config_json),
+                     graph=a.graph)
     print(json.dumps(result))
 
 

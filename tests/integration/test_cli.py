@@ -84,3 +84,36 @@ def test_stage_commands_standalone(tiny_model_dir, tmp_path):
     metrics = json.loads(bench.read_text())
     assert metrics["tpot_ms_p50"] > 0 and metrics["decode_tokens_per_s"] > 0
     assert metrics["energy"].startswith("not measured")
+    assert metrics["runtime"] == "npuflow-graph"  # the converted model, decode step compiled
+    assert metrics["first_run_s"]["single"]  # compile time is reported, not hidden in the warm-up
+
+
+def test_benchmark_runtimes_side_by_side_and_bad_input(tiny_model_dir, tmp_path):
+    """hf-eager (transformers, fp32, unquantized) and npuflow (quantized, engine) write the same JSON keys."""
+    q = tmp_path / "q"
+    assert npuflow("quantize", str(tiny_model_dir), "--output", str(q), cwd=tmp_path).returncode == 0
+    common = ["--input-len", "16", "--output-len", "6", "--warmup", "1", "--iterations", "2"]
+    results = {}
+    for runtime, model, extra in (("hf-eager", tiny_model_dir, []), ("npuflow", q, ["--eager"])):
+        out = tmp_path / f"{runtime}.json"
+        proc = npuflow("benchmark", str(model), "--runtime", runtime, *extra, *common, "--json", str(out),
+                       cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        results[runtime] = json.loads(out.read_text())
+    keys = {"decode_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "peak_memory_mb", "model_size_mb"}
+    for runtime, data in results.items():
+        assert keys <= set(data), runtime
+    assert (results["hf-eager"]["runtime"], results["hf-eager"]["dtype"]) == ("hf-eager", "float32")
+    assert results["npuflow"]["runtime"] == "npuflow-eager"
+    # the trained demo model's greedy continuation survives w8a16 and the engine's static cache
+    assert results["npuflow"]["greedy_tokens"] == results["hf-eager"]["greedy_tokens"]
+
+    for args, message in (
+        (["benchmark", str(q), "--runtime", "hf-eager"], "runs plain transformers on the unquantized model"),
+        (["benchmark", str(tiny_model_dir)], "not a quantized model directory"),
+        (["benchmark", str(q), "--runtime", "llama.cpp"], "unknown --runtime 'llama.cpp'"),
+        (["benchmark", str(q), "--device", "npu"], "torch_npu is not installed"),
+    ):
+        proc = npuflow(*args, "--json", str(tmp_path / "never.json"), cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "never.json").exists()

@@ -99,7 +99,8 @@ def test_load_quantized_bf16_decode_step(quantized_llama_dir: Path, input_ids) -
 def test_get_backend_cpu() -> None:
     backend = get_backend("cpu")
     assert backend is cpu and backend.device() == torch.device("cpu")
-    assert backend.default_dtype() == torch.float32
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert backend.default_dtype() == (torch.bfloat16 if native_bf16 else torch.float32)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="torch_npu is installed here")

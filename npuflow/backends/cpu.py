@@ -1,4 +1,4 @@
-"""CPU backend: aten int8 weight-only matmul for decode, a dequantized matmul for prefill."""
+"""CPU backend: aten int8 weight-only matmul for decode (dequantized for prefill), aten int4 packed matmul."""
 
 from __future__ import annotations
 
@@ -54,15 +54,58 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) ->
     return linear_w8a16_reference(x, qweight, scale)
 
 
-# int4 weights: a dequantized matmul (the packed int4 kernel is the backends issue's work);
-# HF modules as they are (SDPA attention), graph mode compiled with inductor
-linear_w4a16 = linear_w4a16_reference
-prepare = prepare_with_inductor
+linear_w4a16 = linear_w4a16_reference  # float32 activations; bf16 models get Int4PackedLinear (prepare)
+
+
+class Int4PackedLinear(torch.nn.Module):
+    """4-bit weights in aten's CPU int4 layout (two per byte, half the bytes of the loaded uint8 values),
+    bf16 activations, `aten._weight_int4pack_mm_for_cpu` for every row count (prefill and decode).
+
+    The kernel computes w = (q - 8) * scale + zero_f per group; npuflow stores w = (q - zero) * scale,
+    so zero_f = (8 - zero) * scale.
+    """
+
+    def __init__(self, q: torch.nn.Module):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = q.in_features, q.out_features, q.group_size
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.qweight.to(torch.int32), 1)
+        self.register_buffer("packed", packed)  # (out, in // 2) uint8
+        s, z = q.scale.float(), q.zero.float()  # (out, groups)
+        self.register_buffer("scales_zeros", torch.stack([s.T, ((8 - z) * s).T], dim=-1).contiguous()
+                             .to(torch.bfloat16))  # (groups, out, 2)
+        self.bias = None if q.bias is None else torch.nn.Parameter(q.bias.detach().to(torch.bfloat16),
+                                                                   requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) bf16 -> (..., out)
+        rows = x.numel() // self.in_features
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, self.in_features), self.packed,
+                                                        self.group_size, self.scales_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+def int4_packable(module: torch.nn.Module) -> bool:
+    from npuflow.runtime import QuantLinear
+
+    return (isinstance(module, QuantLinear) and module.bits == 4 and module.group_size in (32, 64, 128, 256)
+            and module.out_features % 16 == 0 and module.in_features % 2 == 0)
+
+
+def prepare(model: torch.nn.Module, graph: bool = False) -> torch.nn.Module:
+    """bf16 models: 4-bit linears move to the packed int4 kernel; then HF modules as they are (SDPA
+    attention), graph mode compiled with inductor."""
+    if model.dtype == torch.bfloat16:
+        for name, module in list(model.named_modules()):
+            if int4_packable(module):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, Int4PackedLinear(module))
+    return prepare_with_inductor(model, graph)
 
 
 def kernels(dtype: torch.dtype) -> dict[str, str]:
     if dtype == torch.bfloat16:
-        return {"linear_w8a16": "aten._weight_int8pack_mm (decode) / dequantized F.linear (prefill)", "linear_w4a16": "dequantized F.linear", "attention": "sdpa"}
+        return {"linear_w8a16": "aten._weight_int8pack_mm (decode) / dequantized F.linear (prefill)",
+                "linear_w4a16": "aten._weight_int4pack_mm_for_cpu", "attention": "sdpa"}
     return {"linear_w8a16": "dequantized F.linear", "linear_w4a16": "dequantized F.linear", "attention": "sdpa"}
 
 

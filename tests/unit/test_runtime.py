@@ -181,3 +181,33 @@ def test_w4a16_model_tracks_the_float_model(tiny_random_llama_dir: Path, tmp_pat
     # int4 is coarser than int8, yet the model must still follow the float one
     err = (logits - reference_logits).abs().max() / reference_logits.abs().max()
     assert 0 < err < 0.25
+
+
+@pytest.mark.parametrize("rows", [1, 4, 37])  # decode, a small batch, a prefill
+def test_cpu_int4_packed_linear_matches_the_dequantized_reference(rows: int) -> None:
+    gen = torch.Generator().manual_seed(7)
+    layer = QuantLinear(128, 96, bias=True, bits=4, group_size=32, backend=cpu)
+    q = torch.randint(0, 16, (96, 128), dtype=torch.uint8, generator=gen)
+    scale, zero = torch.rand(96, 4, generator=gen) + 0.05, torch.randint(0, 16, (96, 4), generator=gen).float()
+    layer.load_state_dict({"qweight": q, "scale": scale, "zero": zero, "bias": torch.randn(96, generator=gen)},
+                          assign=True)
+    assert cpu.int4_packable(layer)
+    packed = cpu.Int4PackedLinear(layer)
+    assert packed.packed.numel() == q.numel() // 2  # two 4-bit values per byte
+    x = torch.randn(rows, 128, generator=gen)
+    ref = layer(x)  # float32: the dequantized reference
+    y = packed(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
+    torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
+
+
+def test_bf16_w4a16_model_runs_the_packed_int4_kernel(tiny_random_llama_dir: Path, tmp_path: Path,
+                                                      input_ids) -> None:
+    out = tmp_path / "q4"
+    out.mkdir()
+    quantize_dir(tiny_random_llama_dir, out, QuantizationConfig(scheme="w4a16", group_size=32))
+    fp32 = _logits(load_quantized(out, cpu, torch.float32), input_ids)
+    model = load_quantized(out, cpu, torch.bfloat16)
+    assert isinstance(model.model.layers[0].mlp.down_proj, cpu.Int4PackedLinear)
+    bf16 = _logits(model, input_ids)
+    assert (bf16 - fp32).abs().max().item() <= 0.05 * fp32.abs().max().item()

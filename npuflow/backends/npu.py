@@ -9,6 +9,7 @@ import shutil
 import torch
 
 from npuflow.backends.common import library_versions
+from npuflow.backends.power import PowerSampler, npu_smi_reader
 
 NAME = "npu"
 INSTALL_HINT = "install CANN 8.x, source its set_env.sh, then `pip install 'npuflow[npu]'` (torch_npu==2.13.0)"
@@ -111,14 +112,37 @@ def peak_memory_mb() -> float:
     return torch.npu.max_memory_allocated() / 2**20  # type: ignore[attr-defined]
 
 
+_sampler: PowerSampler | None = None
+
+
+def smi_id() -> tuple[int, int]:
+    """(card, chip) as npu-smi numbers them for this process's device. Default: device index N is card N,
+    chip 0 (one chip per card, as on 910B boards); NPUFLOW_NPU_SMI_ID=CARD:CHIP where that does not hold."""
+    pinned = os.environ.get("NPUFLOW_NPU_SMI_ID")
+    if pinned:
+        card, _, chip = pinned.partition(":")
+        return int(card), int(chip or 0)
+    return int(torch.npu.current_device()), 0  # type: ignore[attr-defined]
+
+
 def energy_joules() -> float | None:
-    return None  # npu-smi reports power, not energy: sampling it is the benchmark issue's work
+    """Joules since the first call, integrated from `npu-smi info -t power` sampled every 100 ms on a
+    thread; None when npu-smi is absent or prints no power (then energy is reported as not measured)."""
+    global _sampler
+    if _sampler is None:
+        exe = shutil.which("npu-smi")
+        if exe is None:
+            return None
+        _sampler = PowerSampler(npu_smi_reader(*smi_id(), exe=exe)).start()
+    return _sampler.joules()
 
 
 def energy_unavailable() -> str:
     if shutil.which("npu-smi") is None:
-        return "not measured: npu-smi is not on PATH"
-    return "not measured: npu-smi power sampling is not wired in yet"
+        return "not measured: npu-smi is not on PATH (it ships with the Ascend driver)"
+    card, chip = smi_id()
+    return (f"not measured: `npu-smi info -t power -i {card} -c {chip}` printed no power reading; "
+            "set NPUFLOW_NPU_SMI_ID=CARD:CHIP to the chip this process runs on")
 
 
 def versions() -> dict[str, str]:

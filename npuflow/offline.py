@@ -8,7 +8,7 @@
         model.om, atc.log      when ATC ran
 
 Weights go into the graph dequantized to float32: ATC compiles float ONNX graphs (its default precision
-mode casts them to fp16 for the NPU's cube units), whereas int8 * scale written as Cast/Mul nodes is either
+mode, force_fp16, runs them in float16), whereas int8 * scale written as Cast/Mul nodes is either
 folded back into float constants or re-executed on every call; an int8 weight-only offline model needs
 Ascend's AMCT, not a different ONNX spelling. The online path (torch_npu's npu_weight_quant_batchmatmul)
 keeps the integer weights.
@@ -47,6 +47,7 @@ MANIFEST = "offline_manifest.json"
 COMMAND_FILE = "atc_command.sh"
 README = "OFFLINE.md"
 ATC_LOG = "atc.log"
+EXTERNAL_DATA_BYTES = 1536 << 20  # weights above this go to model.onnx.data (protobuf caps a file at 2 GiB)
 OPSET = 18  # torch 2.13's exporter emits 18 natively; lower targets fail to convert (see _export)
 DEFAULT_SOC = "Ascend910B2"
 SOC_PATTERN = re.compile(r"Ascend[0-9A-Za-z_]+")  # Ascend910B2, Ascend310P3, Ascend910_9391 (A3)
@@ -89,7 +90,7 @@ class OfflineResult(BaseModel):
     output: str
     onnx_file: str
     onnx_sha256: str
-    onnx_bytes: int  # model.onnx plus its external data file when the weights exceed protobuf's 2 GB
+    onnx_bytes: int  # model.onnx plus model.onnx.data (the weights, above EXTERNAL_DATA_BYTES)
     files: dict[str, str]  # every ONNX file (name -> sha256)
     opset: int
     input_shapes: dict[str, list[int]]  # {"input_ids": [B, T]} int64
@@ -215,14 +216,15 @@ def _quiet_exporter() -> Iterator[None]:
 
 def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> int:
     """torch.onnx.export with the torch.export-based exporter (the default since torch 2.9; needs onnxscript).
-    Weights go to an external data file only when they exceed protobuf's 2 GB. Returns the opset written."""
+    Weights go to `model.onnx.data` beside it above EXTERNAL_DATA_BYTES. Returns the opset written."""
+    weight_bytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
     with _quiet_exporter():
         program = torch.onnx.export(_Prefill(model).eval(), (example,), dynamo=True, opset_version=opset,
                                     input_names=["input_ids"], output_names=["logits"], verbose=False)
     written = program.model.opset_imports.get("", None)
     if written != opset:
         raise NpuflowError(f"the exporter wrote opset {written}, not the requested {opset}")
-    program.save(path, external_data=None)
+    program.save(path, external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     return written
 
 
@@ -297,6 +299,8 @@ float32 ({b}, {t}, {r.output_shapes["logits"][2]}), ONNX opset {r.opset}, static
 ```
 
 ATC takes one static shape: export again with other `--seq-len` / `--batch-size` for other shapes.
+ATC's default precision mode (`--precision_mode=force_fp16`, `--precision_mode_v2=fp16`) computes the float32
+graph in float16; add `--precision_mode_v2=mixed_float16` or `origin` to the command to keep more in float32.
 The opset is 18; CANN 7.0's ONNX operator list covers v9-v18, while some CANN 8 ATC pages name v11-v15 for
 `--framework=5`: if ATC refuses an operator version, that is the reason.
 """

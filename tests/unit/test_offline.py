@@ -169,6 +169,28 @@ def test_failed_atc_keeps_the_checked_onnx_and_says_so(w8_dir: Path, tmp_path: P
     assert not (out / "model.om").exists() and (out / "atc.log").is_file()
 
 
+def test_large_weights_go_to_external_data(w8_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("npuflow.offline.EXTERNAL_DATA_BYTES", 0)  # as a 7B model's 27 GB of float32 would
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))
+    out = tmp_path / "w8"
+    result = export_onnx(w8_dir, out, seq_len=8)
+    assert sorted(result.files) == ["model.onnx", "model.onnx.data"]
+    assert all(_sha256(out / name) == sha for name, sha in result.files.items())
+    assert (out / "model.onnx.data").stat().st_size > 3e6 > (out / "model.onnx").stat().st_size  # 0.87M float32
+    assert result.onnx_bytes == sum((out / name).stat().st_size for name in result.files)
+    assert result.check.top1_agreement == 1.0  # onnxruntime found the weights beside model.onnx
+
+
+def test_a_mismatch_raises_and_publishes_nothing(w8_dir: Path, tmp_path: Path, fake_atc: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("npuflow.offline.TOP1_MIN", 1.01)  # unreachable: stands in for a wrong export
+    with pytest.raises(NpuflowError, match=r"the ONNX model does not match the torch model: max \|diff\| .* "
+                                           r"top-1 agreement 1.0000 \(min 1.01\)"):
+        export_onnx(w8_dir, tmp_path / "w8", seq_len=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]  # the fake atc's; no output, no temp dir
+    assert not fake_atc.exists()  # ATC never ran
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

@@ -296,9 +296,10 @@ def benchmark(model: Annotated[Path, typer.Argument(
             raise ConfigError(f"--scenarios {scenarios}: expected a YAML list of "
                               "{batch_size, input_len, output_len}")
     try:
-        cfg = BenchmarkConfig(batch_size=batch_size, input_len=input_len, output_len=output_len,
-                              scenarios=listed or (), warmup=warmup, iterations=iterations,
-                              min_seconds=min_seconds, mode=mode, tp=tp)
+        which = {"scenarios": listed} if listed else {"batch_size": batch_size, "input_len": input_len,
+                                                       "output_len": output_len}
+        cfg = BenchmarkConfig(**which, warmup=warmup, iterations=iterations, min_seconds=min_seconds, mode=mode,
+                              tp=tp)
     except ValueError as err:
         detail = format_validation_error(err, BenchmarkConfig) if hasattr(err, "errors") else str(err)
         raise ConfigError(f"bad option:\n{detail}") from None

@@ -317,11 +317,22 @@ def build_report(results: list[dict], model_dir: Path, device: str, device_name:
     return report.model_copy(update={"metrics": metrics})
 
 
+def check_scenarios_fit(model_dir: Path, cfg: BenchmarkConfig) -> None:
+    """Every scenario's prompt + output within the model's positions, before any work."""
+    limit = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    too_long = [s.name for s in cfg.resolved_scenarios if limit and s.input_len + s.output_len > limit]
+    if too_long:
+        raise NpuflowError(
+            f"benchmark scenario(s) {', '.join(too_long)} need more than the model's {limit} positions "
+            f"(max_position_embeddings): set benchmark.scenarios (or matrix) with input_len + output_len <= {limit}")
+
+
 def benchmark_dir(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig,
                   single_baseline: bool = True, runtime: str = "npuflow", graph: bool = False) -> BenchmarkReport:
     """`npuflow benchmark`: single device in this process; mode tensor-parallel adds cfg.tp ranks under
     torchrun (and keeps the single-device run as its baseline unless `single_baseline` is False; both
     then use HF's loop, which the sharded model runs)."""
+    check_scenarios_fit(model_dir, cfg)
     loop = "hf" if cfg.mode == "tensor-parallel" else "engine"
     results = ([measure(model_dir, device, dtype, cfg, runtime, graph, loop)]
                if cfg.mode == "single" or single_baseline else [])
@@ -355,6 +366,7 @@ def benchmark(deployable: Deployable, cfg: BenchmarkConfig, store: Store, cache_
     if quantized is None:
         raise NpuflowError(f"the quantized weights {deployable.quantized_key} are gone from the store; re-run quantize")
     model_dir = materialize(store, quantized.key, quantized.files, cache_root)
+    check_scenarios_fit(model_dir, cfg)
     scenarios = cfg.resolved_scenarios
     log.info("benchmarking %d scenario(s) (%s): %d warm-up + >= %d runs and >= %g s each", len(scenarios),
              ", ".join(s.name for s in scenarios), cfg.warmup, cfg.iterations, cfg.min_seconds)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -143,11 +143,28 @@ class ScenarioConfig(_Frozen):
         return f"bs{self.batch_size}_in{self.input_len}_out{self.output_len}"
 
 
+class ScenarioMatrix(_Frozen):
+    """Scenarios as a product: every batch size x every input length, one output length."""
+
+    batch_sizes: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 4, 16), min_length=1)
+    input_lens: tuple[Annotated[int, Field(ge=1)], ...] = Field((512,), min_length=1)
+    output_len: int = Field(128, ge=2)
+
+    def expand(self) -> tuple[ScenarioConfig, ...]:
+        return tuple(ScenarioConfig(batch_size=b, input_len=n, output_len=self.output_len)
+                     for n in self.input_lens for b in self.batch_sizes)
+
+
 class BenchmarkConfig(_Frozen):
-    batch_size: int = Field(1, ge=1)  # sequences decoded together (the scenario when `scenarios` is empty)
-    input_len: int = Field(128, ge=1)  # prompt tokens (idem)
-    output_len: int = Field(32, ge=2)  # generated tokens, fixed (no early stop) (idem)
+    """What to measure. Scenarios, first match wins: `scenarios` (a list), `matrix` (a product), the one
+    scenario of batch_size/input_len/output_len when any of them is set, else the default matrix:
+    batch 1, 4, 16 x input 512 x output 128 (the reference deployment analysis)."""
+
+    batch_size: int | None = Field(None, ge=1)  # sequences decoded together (one scenario; default 1)
+    input_len: int | None = Field(None, ge=1)  # prompt tokens (idem; default 128)
+    output_len: int | None = Field(None, ge=2)  # generated tokens, fixed, no early stop (idem; default 32)
     scenarios: tuple[ScenarioConfig, ...] = ()  # measured in order; the first is the primary (unsuffixed)
+    matrix: ScenarioMatrix | None = None  # batch_sizes x input_lens x output_len, in that order
     warmup: int = Field(2, ge=0)  # untimed runs first, per scenario
     iterations: int = Field(5, ge=1)  # timed runs at least, per scenario
     min_seconds: float = Field(0.0, ge=0)  # and keep running for at least this many seconds, per scenario
@@ -165,12 +182,26 @@ class BenchmarkConfig(_Frozen):
             raise ValueError("tp applies to mode tensor-parallel; use tp: 1 with mode single")
         return self
 
+    @model_validator(mode="after")
+    def _one_way_to_say_scenarios(self) -> BenchmarkConfig:
+        given = [k for k, v in (("scenarios", self.scenarios), ("matrix", self.matrix)) if v]
+        single = [k for k in ("batch_size", "input_len", "output_len") if getattr(self, k) is not None]
+        if len(given) > 1 or (given and single):
+            raise ValueError(f"give scenarios one way: {', '.join(given + single)} were all set; use "
+                             "`scenarios` (a list), `matrix` (a product) or batch_size/input_len/output_len")
+        return self
+
     @property
     def resolved_scenarios(self) -> tuple[ScenarioConfig, ...]:
-        """`scenarios`, or the one scenario given by batch_size/input_len/output_len."""
-        return self.scenarios or (
-            ScenarioConfig(batch_size=self.batch_size, input_len=self.input_len, output_len=self.output_len),
-        )
+        """The scenarios to measure, in order (see the class docstring)."""
+        if self.scenarios:
+            return self.scenarios
+        if self.matrix is not None:
+            return self.matrix.expand()
+        if (self.batch_size, self.input_len, self.output_len) != (None, None, None):
+            return (ScenarioConfig(batch_size=self.batch_size or 1, input_len=self.input_len or 128,
+                                   output_len=self.output_len or 32),)
+        return ScenarioMatrix().expand()
 
 
 class PromotionConfig(_Frozen):

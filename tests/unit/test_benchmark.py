@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 from pathlib import Path
@@ -124,3 +125,13 @@ def test_measure_every_scenario_then_roofline_on_measured_cpu_bandwidth(quantize
     assert rep.metrics["tpot_ms_p50"] == rep.scenarios[0].tpot_ms["p50"]
     assert rep.metrics["mbu_pct"] == rep.scenarios[0].roofline.mbu_pct
     assert rep.energy.startswith("not measured") or "J over" in rep.energy
+
+
+def test_scenarios_longer_than_the_model_are_refused_before_any_work(quantized_llama_dir: Path) -> None:
+    from npuflow.benchmark import check_scenarios_fit
+    from npuflow.errors import NpuflowError
+
+    limit = json.loads((quantized_llama_dir / "config.json").read_text())["max_position_embeddings"]
+    check_scenarios_fit(quantized_llama_dir, BenchmarkConfig(input_len=limit - 2, output_len=2))
+    with pytest.raises(NpuflowError, match=rf"bs1_in{limit}_out2 need more than the model's {limit} positions"):
+        check_scenarios_fit(quantized_llama_dir, BenchmarkConfig(input_len=limit, output_len=2))

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from npuflow.config import RunConfig, flatten, load_config, parse_config
+from npuflow.config import BenchmarkConfig, RunConfig, flatten, load_config, parse_config
 from npuflow.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parents[2] / "configs"
@@ -212,7 +212,7 @@ def test_flatten_gives_dotted_string_keys() -> None:
     assert flat["name"] == "tiny-llama"
     assert flat["convert.device"] == "cpu"
     assert flat["validation.gates.top1_agreement_min"] == "0.95"
-    assert flat["benchmark.output_len"] == "32"
+    assert flat["benchmark.warmup"] == "2" and flat["benchmark.output_len"] == "None"  # scenarios listed
     assert flat["quantization.ignore"] == "model.embed_tokens,lm_head"
     assert all(isinstance(v, str) for v in flat.values())
     assert not any(isinstance(v, dict) for v in flat.values())
@@ -236,3 +236,31 @@ def test_flatten_sha256_pins_by_file_name(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(MINIMAL + f"  sha256:\n    model.safetensors: '{pin}'\n")
     assert flatten(load_config(path))["source.sha256.model.safetensors"] == pin
+
+
+# ---------------------------------------------------------------------------------------------- benchmark scenarios
+
+
+def test_benchmark_default_is_the_reference_matrix() -> None:
+    names = [s.name for s in BenchmarkConfig().resolved_scenarios]
+    assert names == ["bs1_in512_out128", "bs4_in512_out128", "bs16_in512_out128"]
+
+
+def test_benchmark_matrix_single_and_list() -> None:
+    m = BenchmarkConfig(matrix={"batch_sizes": [1, 2], "input_lens": [64, 128], "output_len": 16})
+    assert [s.name for s in m.resolved_scenarios] == ["bs1_in64_out16", "bs2_in64_out16", "bs1_in128_out16",
+                                                     "bs2_in128_out16"]
+    assert [s.name for s in BenchmarkConfig(input_len=64).resolved_scenarios] == ["bs1_in64_out32"]
+    listed = BenchmarkConfig(scenarios=[{"batch_size": 4, "input_len": 8, "output_len": 2}])
+    assert [s.name for s in listed.resolved_scenarios] == ["bs4_in8_out2"]
+
+
+@pytest.mark.parametrize("body", [
+    {"input_len": 64, "scenarios": [{}]},
+    {"matrix": {}, "scenarios": [{}]},
+    {"matrix": {}, "batch_size": 2},
+    {"matrix": {"batch_sizes": []}},
+])
+def test_benchmark_scenarios_said_two_ways_are_refused(body: dict) -> None:
+    with pytest.raises(ValueError):
+        BenchmarkConfig(**body)

@@ -1,6 +1,6 @@
 """Benchmark: the npuflow CPU runtime (W8A16) against plain transformers fp32, side by side in one run.
 
-    .venv/bin/python benchmarks/cpu_runtime.py [--threads 2] [--input-len 128] [--output-len 128] [--runs 5]
+    .venv/bin/python benchmarks/cpu_runtime.py [--threads 2] [--input-len 128] [--output-len 128] [--runs 5] [--cli]
 
 Model: random-init Llama, hidden 1024, 12 layers, 16 heads, intermediate 2816, vocab 32000 (~220M).
 hf-eager: transformers on the unquantized model in fp32 with its default DynamicCache (the baseline).
@@ -16,6 +16,10 @@ compiled runtime's greedy tokens equal its own eager reference token for token.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -45,12 +49,41 @@ def divergence(model, prompt: torch.Tensor, reference: torch.Tensor, tokens: tor
     return f"first differs at token {k}; eager top-2 logit margin there {float(top[0] - top[1]):.4f}"
 
 
+def through_the_cli(src: Path, qdir: Path, a: argparse.Namespace) -> None:
+    """The same comparison as users run it: `npuflow benchmark --runtime hf-eager|npuflow`, each in its own
+    process, alternated A B A B; figures read back from the JSON files."""
+    common = ["--device", "cpu", "--batch-size", "1", "--input-len", str(a.input_len), "--output-len",
+              str(a.output_len), "--warmup", "1", "--iterations", str(a.runs)]
+    rows: dict[str, list[dict]] = {"hf-eager": [], "npuflow": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(2):
+            for runtime, model in (("hf-eager", src), ("npuflow", qdir)):
+                out = Path(tmp) / f"{runtime}-{i}.json"
+                cmd = [sys.executable, "-m", "flows.cli", "benchmark", str(model), "--runtime", runtime, *common,
+                       "--json", str(out)]
+                subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1],
+                               env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
+                rows[runtime].append(json.loads(out.read_text()))
+    print(f"\nthrough the CLI (npuflow benchmark --runtime ..., {a.runs} iterations, 2 alternated runs each):")
+    print(f"{'runtime':10} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'decode tok/s':>13} {'peak MB':>8}")
+    for runs in rows.values():
+        for r in runs:
+            print(f"{r['runtime']:10.10} {r['ttft_ms_p50']:12.1f} {r['tpot_ms_p50']:12.2f} "
+                  f"{r['decode_tokens_per_s']:13.1f} {r['peak_memory_mb']:8.0f}")
+    b = sorted(r["tpot_ms_p50"] for r in rows["hf-eager"])[0]
+    f = sorted(r["tpot_ms_p50"] for r in rows["npuflow"])[0]
+    bt = sorted(r["ttft_ms_p50"] for r in rows["hf-eager"])[0]
+    ft = sorted(r["ttft_ms_p50"] for r in rows["npuflow"])[0]
+    print(f"CLI decode speed-up (best of 2 each) {b / f:.2f}x, TTFT ratio {ft / bt:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--runs", type=int, default=5, help="timed runs per runtime (after one warm-up)")
+    p.add_argument("--cli", action="store_true", help="also compare through `npuflow benchmark --runtime`")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -83,6 +116,9 @@ def main() -> None:
                 results[name]["tpot"].append(p50(steps))
         same = torch.equal(tokens["npuflow"], reference)
         why = "" if same else " (" + divergence(fast, prompt, reference, tokens["npuflow"]) + ")"
+        del runtimes, baseline, fast, fast4
+        if a.cli:
+            through_the_cli(src, qdir, a)
 
     print(f"threads {a.threads}, input {a.input_len}, output {a.output_len}, {a.runs} interleaved runs each")
     print(f"{'runtime':10} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'decode tok/s':>13}")

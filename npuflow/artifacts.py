@@ -94,6 +94,8 @@ class Deployable(_Manifest):
     kernels: dict[str, str]  # role -> op actually used, e.g. {"linear_w8a16": "aten._weight_int8pack_mm"}
     versions: dict[str, str]  # library -> version (torch, transformers, torch_npu, CANN, ...)
     smoke_logits_sha256: str  # fingerprint of the smoke forward pass (first 8 logits, rounded)
+    files: dict[str, FileEntry] = Field(default_factory=dict)  # offline model files (offline/...), if any
+    offline: dict[str, Any] | None = None  # offline_manifest.json: ONNX check, ATC status or command
 
 
 class GateResult(BaseModel):

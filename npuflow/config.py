@@ -105,12 +105,21 @@ class QuantizationConfig(_Frozen):
         return self
 
 
+class OfflineConfig(_Frozen):
+    """The offline model written with the deployable: prefill ONNX (checked with onnxruntime) and ATC's .om."""
+
+    seq_len: int = Field(128, ge=1)  # static prompt length of the exported graph
+    batch_size: int = Field(1, ge=1)  # static batch of the exported graph
+    soc_version: str = "Ascend910B2"  # atc --soc_version
+
+
 class ConvertConfig(_Frozen):
     """The runtime target."""
 
     device: Device = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the backend's default
     graph: bool = False  # graph mode (torch.compile / torchair); eager when false
+    offline: OfflineConfig | None = None  # also export the offline model (ONNX + atc) into the deployable
 
 
 class GateConfig(_Frozen):

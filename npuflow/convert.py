@@ -8,7 +8,16 @@ from pathlib import Path
 
 import torch
 
-from npuflow.artifacts import Deployable, QuantizedArtifact, digest, load_manifest, materialize, publish
+from npuflow.artifacts import (
+    Deployable,
+    QuantizedArtifact,
+    digest,
+    hash_dir,
+    load_manifest,
+    materialize,
+    publish,
+    staging_dir,
+)
 from npuflow.backends import get_backend
 from npuflow.config import ConvertConfig
 from npuflow.errors import NpuflowError
@@ -16,7 +25,7 @@ from npuflow.runtime import load_quantized, resolve_dtype
 from npuflow.store import Store
 
 log = logging.getLogger("npuflow.convert")
-CODE_VERSION = "convert-1"
+CODE_VERSION = "convert-2"  # 2: optional offline model
 SMOKE_TOKENS = 16  # prompt length of the smoke forward pass
 
 
@@ -53,4 +62,16 @@ def convert(quantized: QuantizedArtifact, cfg: ConvertConfig, store: Store, cach
         kernels=backend.kernels(dtype), versions=versions, smoke_logits_sha256=fingerprint,
     )
     log.info("converted for %s (%s, %s): smoke test passed", cfg.device, device_name, deployable.dtype)
-    return publish(store, deployable)
+    if cfg.offline is None:
+        return publish(store, deployable)
+    from npuflow.offline import export_onnx
+
+    with staging_dir("convert") as tmp:
+        o = cfg.offline
+        result = export_onnx(model_dir, Path(tmp) / "offline", seq_len=o.seq_len, batch_size=o.batch_size,
+                             soc_version=o.soc_version)
+        log.info("offline model: ONNX checked with onnxruntime (max |diff| %.2g); atc: %s",
+                 result.check.max_abs_diff, result.atc.status)
+        deployable = deployable.model_copy(update={
+            "files": hash_dir(Path(tmp)), "offline": result.model_dump(mode="json", exclude={"output"})})
+        return publish(store, deployable, Path(tmp))

@@ -250,3 +250,28 @@ def test_cli_json(w8_all_dir: Path, tmp_path: Path, fake_atc: Path, monkeypatch,
     assert data["top1_agreement"] == 1.0 and data["output"] == str(out)
     assert "--soc_version=Ascend910B3" in fake_atc.read_text().splitlines()
     assert shutil.which("atc") is not None
+
+
+def test_convert_stage_writes_the_offline_model_into_the_deployable(demo_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert.offline set: the deployable carries offline/ (ONNX, atc_command.sh, manifest) in the store."""
+    from npuflow.artifacts import Deployable, load_manifest
+    from npuflow.config import ConvertConfig, SourceConfig
+    from npuflow.convert import convert
+    from npuflow.fetch import fetch
+    from npuflow.quantize import quantize
+    from npuflow.store import LocalStore
+
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no atc here
+    store, cache = LocalStore(tmp_path / "store"), tmp_path / "cache"
+    model = fetch(SourceConfig(uri=demo_dir.as_uri()), "tiny", store)
+    quantized = quantize(model, QuantizationConfig(), store, cache)
+    cfg = ConvertConfig(offline={"seq_len": SEQ, "soc_version": "Ascend910B3"})
+    dep = convert(quantized, cfg, store, cache)
+    assert dep.offline is not None and dep.offline["atc"]["status"] == ATC_NOT_RUN
+    assert dep.offline["soc_version"] == "Ascend910B3" and dep.offline["check"]["top1_agreement"] >= 0.99
+    assert {"offline/model.onnx", "offline/atc_command.sh", "offline/offline_manifest.json"} <= set(dep.files)
+    root = tmp_path / "store" / dep.key
+    assert _sha256(root / "offline" / "model.onnx") == dep.files["offline/model.onnx"].sha256
+    assert load_manifest(store, dep.key, Deployable).manifest_sha256 == dep.manifest_sha256  # reads back whole
+    assert convert(quantized, cfg, store, cache).cache_hit  # second time: the published deployable

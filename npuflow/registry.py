@@ -163,10 +163,13 @@ def register(
     quantized: QuantizedArtifact,
     deployable: Deployable,
     validation: ValidationReport,
+    benchmark: BenchmarkReport | None = None,
 ) -> ModelVersion:
     """A model version for this deployable, unless the same artifact is registered already.
 
-    Tags follow DESIGN.md; the `candidate` alias moves to it only when its gates passed.
+    Tags follow DESIGN.md; the `candidate` alias moves to it only when its gates passed. The version's
+    description (what a reviewer reads before approving) summarises the gates, the benchmark against the
+    current champion and where the run's report is.
     """
     from mlflow.exceptions import MlflowException
 
@@ -191,11 +194,91 @@ def register(
         "gates": gates,
         "rollout": "registered",
     }
-    v = c.create_model_version(name, source=f"runs:/{run_id}/deployable", run_id=run_id, tags=tags)
+    champion = by_alias(c, name, CHAMPION)  # before this version exists: the one a reviewer compares with
+    run = c.get_run(run_id)
+    url = run_url(c.tracking_uri, run.info.experiment_id, run_id)
+    description = version_description(
+        validation, benchmark.metrics if benchmark else None, champion,
+        run_metrics(c, champion) if champion else None, run_id,
+        f"{run.info.artifact_uri}/reports/report.html" if benchmark else None, url,
+    )
+    v = c.create_model_version(name, source=f"runs:/{run_id}/deployable", run_id=run_id, tags=tags,
+                               description=description, run_link=url)
     if validation.passed:
         c.set_registered_model_alias(name, CANDIDATE, v.version)
     log.info("registered %s version %s (gates %s)", name, v.version, gates)
     return _to_model(c.get_model_version(name, v.version), newly=True)
+
+
+# ---- the version's description: what the reviewer approves -------------------------------------------
+
+# (metric, label with unit) of the benchmark table; DESIGN.md names, the primary scenario
+DESCRIPTION_METRICS = (
+    ("ttft_ms_p50", "TTFT p50 (ms)"),
+    ("tpot_ms_p50", "TPOT p50 (ms)"),
+    ("decode_tokens_per_s", "decode tokens/s"),
+    ("peak_memory_mb", "peak memory (MB)"),
+    ("model_size_mb", "model size (MB)"),
+)
+DESCRIPTION_MAX_CHARS = 5000  # MLflow's limit on a model version description
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI when tracking is a server (None for a local database)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _num(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def version_description(
+    validation: ValidationReport,
+    benchmark: dict[str, float] | None,
+    champion: ModelVersion | None,
+    champion_metrics: dict[str, float] | None,
+    run_id: str,
+    report_uri: str | None,
+    run_link: str | None = None,
+) -> str:
+    """Markdown for the model version's description: each gate (value vs limit, pass/fail), the benchmark
+    with deltas against the champion (or "no champion"), and where the report and the run are. Pure."""
+    from npuflow.report import metric_deltas
+
+    verdict = "passed" if validation.passed else "FAILED"
+    lines = [f"**Validation gates {verdict}** on {validation.eval_tokens} evaluation tokens.", "",
+             "| gate | value | limit | result |", "|---|---|---|---|"]
+    for name, g in validation.gates.items():
+        lines.append(f"| {name} | {_num(g.value)} | {g.op} {_num(g.threshold)} | "
+                     f"{'pass' if g.passed else '**FAIL**'} |")
+    lines.append("")
+    if benchmark is None:
+        lines.append("**Benchmark:** not run (a version whose gates failed is not benchmarked).")
+    elif champion is None:
+        lines += ["**Benchmark** (no champion: nothing to compare with yet)", "",
+                  "| metric | this version |", "|---|---|"]
+        lines += [f"| {label} | {_num(benchmark[k])} |" for k, label in DESCRIPTION_METRICS if k in benchmark]
+    else:
+        theirs = champion_metrics or {}
+        deltas = {d.metric: d for d in metric_deltas(benchmark, theirs, [k for k, _ in DESCRIPTION_METRICS])}
+        lines += [f"**Benchmark against champion v{champion.version}**", "",
+                  f"| metric | this version | champion v{champion.version} | change |", "|---|---|---|---|"]
+        for k, label in DESCRIPTION_METRICS:
+            if k not in benchmark:
+                continue
+            d = deltas.get(k)
+            if d is None:
+                lines.append(f"| {label} | {_num(benchmark[k])} | n/a | not measured on the champion |")
+                continue
+            pct = "n/a" if d.delta_pct is None else f"{d.delta_pct:+.1f}%"
+            lines.append(f"| {label} | {_num(d.candidate)} | {_num(d.champion)} | {pct} ({d.verdict}) |")
+    lines += ["", f"- MLflow run: `{run_id}`" + (f" ({run_link})" if run_link else "")]
+    if report_uri:
+        lines.append(f"- Report: `runs:/{run_id}/reports/report.html` ({report_uri})")
+    text = "\n".join(lines)
+    return text if len(text) <= DESCRIPTION_MAX_CHARS else text[: DESCRIPTION_MAX_CHARS - 1] + "…"
 
 
 def by_alias(c, name: str, alias: str) -> ModelVersion | None:

@@ -33,7 +33,7 @@ def register_task(
     flow_run = getattr(get_run_context(), "task_run", None)
     run_id = registry.log_pipeline_run(c, exp, config, deployable, validation, benchmark,
                                        str(flow_run.flow_run_id) if flow_run else None)
-    version = registry.register(c, run_id, model, quantized, deployable, validation)
+    version = registry.register(c, run_id, model, quantized, deployable, validation, benchmark)
     get_run_logger().info("register: mlflow run %s; %s version %s (%s)", run_id, version.name, version.version,
                           "new" if version.newly_registered else "already registered: cache hit")
     return version

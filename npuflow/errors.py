@@ -32,3 +32,7 @@ class GateFailedError(NpuflowError):
 
 class StoreError(NpuflowError):
     """The artifact store (S3 endpoint, disk) failed a request; worth a retry."""
+
+
+class DriftError(NpuflowError):
+    """The nightly check found the champion worse than recorded beyond tolerance: the run fails (the alert)."""

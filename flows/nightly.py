@@ -46,7 +46,8 @@ def nightly_check(config: RunConfig) -> NightlyResult:
 
     # ---- compare with the registration, record, alert ----
     measured = {**validation.metrics, **bench.metrics}
-    verdict = check_drift(champion.metrics, measured, validation.gates, config.promotion)
+    verdict = check_drift(champion.metrics, measured, validation.gates, config.promotion,
+                          config.benchmark.tpot_regression_pct)
     run_id = record_check_task(champion, validation, bench, verdict, measured_as.benchmark.tpot_regression_pct)
     if not verdict.passed:
         raise DriftError(

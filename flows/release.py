@@ -50,7 +50,7 @@ def release(config: RunConfig) -> ReleaseResult:
     # ---- registry: aliases are put back if anything in here fails part-way ----
     with transaction():
         version = register_task(config, model, quantized, deployable, validation, bench)
-        decision = promote_task(version, config.promotion)
+        decision = promote_task(version, config.promotion, config.benchmark.tpot_regression_pct)
 
     hits = {"fetch": model.cache_hit, "quantize": quantized.cache_hit, "convert": deployable.cache_hit,
             "validate": validation.cache_hit}

@@ -218,7 +218,15 @@ class PromotionConfig(_Frozen):
 
     ppl_regression_pct: float = Field(1.0, ge=0)  # ppl_candidate at most this % above the champion's
     top1_drop_max: float = Field(0.01, ge=0)  # top1_agreement at most this much below the champion's
-    tpot_regression_pct: float = Field(25.0, ge=0)  # tpot_ms_p50 at most this % above the champion's
+    # speed: benchmark.tpot_regression_pct, the report's regression gate, which promotion applies too
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tpot_regression_pct" in data:
+            raise ValueError("tpot_regression_pct moved to benchmark.tpot_regression_pct: one TPOT tolerance "
+                             "for the report's regression gate and for promotion; delete it here")
+        return data
 
 
 class SloConfig(_Frozen):

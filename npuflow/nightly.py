@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ from npuflow.artifacts import (
 from npuflow.config import PromotionConfig, RunConfig
 from npuflow.errors import IntegrityError, NpuflowError
 from npuflow.store import Store
+from npuflow.tolerance import compare
 
 log = logging.getLogger("npuflow.nightly")
 
@@ -159,37 +159,16 @@ class DriftVerdict(BaseModel):
 
 
 def check_drift(recorded: dict[str, float], measured: dict[str, float], gates: dict[str, GateResult],
-                tol: PromotionConfig) -> DriftVerdict:
+                tol: PromotionConfig, tpot_regression_pct: float) -> DriftVerdict:
     """The champion measured again against its registration: each validation gate must still pass, and
-    ppl_candidate, top1_agreement and tpot_ms_p50 may not be worse than recorded beyond the promotion
-    tolerances (the same a candidate is held to against a champion). Better is never drift."""
+    it may not be worse than recorded beyond the tolerances a candidate is held to against a champion
+    (npuflow.tolerance: ppl, top-1 under `tol`; TPOT p50 under the report's regression gate). Better is
+    never drift."""
     failures = [f"gate {k}: {g.value:.4g}, must be {g.op} {g.threshold:.4g}" for k, g in gates.items()
                 if not g.passed]
-    notes, checks = [], {}
-    # (metric, which direction is worse, allowed slack, % of the recorded value or absolute)
-    rules = [
-        ("ppl_candidate", "higher", tol.ppl_regression_pct, "pct"),
-        ("top1_agreement", "lower", tol.top1_drop_max, "abs"),
-        ("tpot_ms_p50", "higher", tol.tpot_regression_pct, "pct"),
-    ]
-    for metric, bad, slack, kind in rules:
-        new, old = measured.get(metric), recorded.get(metric)
-        if new is None or old is None:
-            notes.append(f"{metric}: not compared (not {'measured now' if new is None else 'recorded'})")
-            continue
-        if kind == "pct":
-            limit = old * (1 + slack / 100) if bad == "higher" else old * (1 - slack / 100)
-            allowed = f"{'+' if bad == 'higher' else '-'}{slack:g}%"
-        else:
-            limit = old + slack if bad == "higher" else old - slack
-            allowed = f"{'+' if bad == 'higher' else '-'}{slack:g}"
-        drifted = math.isnan(new) or (new > limit if bad == "higher" else new < limit)
-        checks[metric] = GateResult(passed=not drifted, value=new, threshold=limit,
-                                    op="<=" if bad == "higher" else ">=")
-        change = f"{100 * (new - old) / old:+.2f}%" if kind == "pct" and old else f"{new - old:+.4g}"
-        line = f"{metric}: {new:.4g} now vs {old:.4g} recorded ({change}, allowed {allowed})"
-        (failures if drifted else notes).append(line)
-    return DriftVerdict(passed=not failures, failures=failures, notes=notes, checks=checks)
+    c = compare(measured, recorded, tol, tpot_regression_pct, baseline="recorded")
+    return DriftVerdict(passed=not failures and c.passed, failures=failures + c.failures, notes=c.notes,
+                        checks=c.checks)
 
 
 # ---- recording the check ---------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -11,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from npuflow.config import PromotionConfig, StageConfig
 from npuflow.promstats import VersionStats
 from npuflow.registry import CHAMPION, PREVIOUS, ModelVersion, set_aliases, tag_version
+from npuflow.tolerance import compare
 
 log = logging.getLogger("npuflow.rollout")
 
@@ -33,8 +33,10 @@ def decide_promotion(
     champion: ModelVersion | None,
     champion_metrics: dict[str, float],
     tol: PromotionConfig,
+    tpot_regression_pct: float,
 ) -> PromotionDecision:
-    """Promote when the gates passed and, against a champion, no metric is worse beyond tolerance."""
+    """Promote when the gates passed and, against a champion, no metric is worse beyond tolerance: quality
+    under `tol`, speed under the benchmark report's regression gate (`tpot_regression_pct`)."""
     champ_v = champion.version if champion else None
 
     def decision(action, reasons):
@@ -51,26 +53,11 @@ def decide_promotion(
         return decision("promote", ["no champion yet: the first candidate that passes its gates takes over"])
     if champion.version == candidate.version:
         return decision("already_champion", [f"version {candidate.version} is already the champion"])
-    # (metric, which direction is worse, allowed slack, relative or absolute)
-    rules = [
-        ("ppl_candidate", "higher", tol.ppl_regression_pct, "pct"),
-        ("top1_agreement", "lower", tol.top1_drop_max, "abs"),
-        ("tpot_ms_p50", "higher", tol.tpot_regression_pct, "pct"),
-    ]
-    worse, notes = [], []
-    for metric, bad, slack, kind in rules:
-        new, old = candidate_metrics.get(metric), champion_metrics.get(metric)
-        if new is None or old is None:
-            notes.append(f"{metric}: not compared (missing on {'candidate' if new is None else 'champion'})")
-            continue
-        limit = (old * (1 + slack / 100) if bad == "higher" else old * (1 - slack / 100)) if kind == "pct" else (
-            old + slack if bad == "higher" else old - slack)
-        is_worse = math.isnan(new) or (new > limit if bad == "higher" else new < limit)
-        line = f"{metric}: {new:.4g} vs champion {old:.4g} (limit {limit:.4g})"
-        (worse if is_worse else notes).append(line)
-    if worse:
-        return decision("keep_champion", [f"worse than champion v{champ_v} beyond tolerance: " + "; ".join(worse), *notes])
-    return decision("promote", [f"not worse than champion v{champ_v} beyond tolerance", *notes])
+    c = compare(candidate_metrics, champion_metrics, tol, tpot_regression_pct, f"champion v{champ_v}")
+    if not c.passed:
+        return decision("keep_champion", [f"worse than champion v{champ_v} beyond tolerance: "
+                                          + "; ".join(c.failures), *c.notes])
+    return decision("promote", [f"not worse than champion v{champ_v} beyond tolerance", *c.notes])
 
 
 def apply_promotion(c, candidate: ModelVersion, decision: PromotionDecision, approved_by: str) -> dict[str, str]:

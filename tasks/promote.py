@@ -10,13 +10,14 @@ from npuflow.settings import Settings
 
 
 @task(name="promote", cache_policy=NONE)
-def promote_task(version: registry.ModelVersion, tol: PromotionConfig) -> PromotionDecision:
-    """Move `champion` to the candidate when it is not worse beyond tolerance; else record why not."""
+def promote_task(version: registry.ModelVersion, tol: PromotionConfig, tpot_regression_pct: float) -> PromotionDecision:
+    """Move `champion` to the candidate when it is not worse beyond tolerance (quality: `tol`; speed: the
+    benchmark's regression gate, TPOT p50 at most `tpot_regression_pct` % up); else record why not."""
     c = registry.client(Settings().resolved_tracking_uri)
     champion = registry.by_alias(c, version.name, registry.CHAMPION)
     decision = decide_promotion(
         version, registry.run_metrics(c, version), champion,
-        registry.run_metrics(c, champion) if champion else {}, tol,
+        registry.run_metrics(c, champion) if champion else {}, tol, tpot_regression_pct,
     )
     apply_promotion(c, version, decision, approved_by="npuflow promotion rules (no human approval configured)")
     get_run_logger().info("promote: %s: %s", decision.action, "; ".join(decision.reasons))

@@ -226,7 +226,7 @@ def test_flatten_gives_dotted_string_keys() -> None:
         "validation.gates.ppl_delta_pct_max", "validation.gates.kl_divergence_max",
         "benchmark.batch_size", "benchmark.input_len", "benchmark.warmup", "benchmark.iterations",
         "benchmark.min_seconds",
-        "promotion.ppl_regression_pct", "promotion.top1_drop_max", "promotion.tpot_regression_pct",
+        "promotion.ppl_regression_pct", "promotion.top1_drop_max", "benchmark.tpot_regression_pct",
     }
     assert leaves <= set(flat), leaves - set(flat)
 

@@ -12,7 +12,8 @@ from npuflow.config import PromotionConfig
 from npuflow.nightly import FreshResults, check_drift, stage_prefixes
 from npuflow.store import LocalStore
 
-TOL = PromotionConfig(ppl_regression_pct=1.0, top1_drop_max=0.01, tpot_regression_pct=25.0)
+TOL = PromotionConfig(ppl_regression_pct=1.0, top1_drop_max=0.01)
+TPOT_PCT = 25.0
 RECORDED = {"ppl_candidate": 10.0, "top1_agreement": 0.98, "tpot_ms_p50": 4.0}
 PASSING = {"kl_divergence": GateResult(passed=True, value=0.01, threshold=0.05, op="<=")}
 
@@ -29,7 +30,7 @@ PASSING = {"kl_divergence": GateResult(passed=True, value=0.01, threshold=0.05, 
     ],
 )
 def test_drift_past_the_promotion_tolerances(measured, drifted):
-    v = check_drift(RECORDED, measured, PASSING, TOL)
+    v = check_drift(RECORDED, measured, PASSING, TOL, TPOT_PCT)
     assert v.passed == (not drifted)
     assert {k for k, c in v.checks.items() if not c.passed} == drifted
     assert all(any(m in f for m in drifted) for f in v.failures)
@@ -37,11 +38,17 @@ def test_drift_past_the_promotion_tolerances(measured, drifted):
 
 def test_a_gate_failing_now_is_drift_and_missing_numbers_are_said_not_compared():
     failing = {"kl_divergence": GateResult(passed=False, value=0.09, threshold=0.05, op="<=")}
-    v = check_drift({"ppl_candidate": 10.0}, {"ppl_candidate": 10.0, "top1_agreement": 0.9}, failing, TOL)
+    now = {"ppl_candidate": 10.0, "top1_agreement": 0.9, "tpot_ms_p50": 4.0}
+    v = check_drift({"ppl_candidate": 10.0}, now, failing, TOL, TPOT_PCT)
     assert not v.passed
     assert v.failures == ["gate kl_divergence: 0.09, must be <= 0.05"]
-    assert "top1_agreement: not compared (not recorded)" in v.notes
-    assert "tpot_ms_p50: not compared (not measured now)" in v.notes
+    assert "top1_agreement: not compared (missing on recorded)" in v.notes
+    assert "no champion TPOT to compare against: the regression gate does not apply" in v.notes
+
+
+def test_a_speed_not_measured_now_is_drift():
+    v = check_drift(RECORDED, {"ppl_candidate": 10.0, "top1_agreement": 0.98}, PASSING, TOL, TPOT_PCT)
+    assert not v.passed and "has no tpot_ms_p50" in v.failures[0]
 
 
 def test_fresh_results_reads_inputs_from_the_store_and_keeps_results_in_scratch(tmp_path: Path):

@@ -8,7 +8,8 @@ from npuflow.config import PromotionConfig
 from npuflow.registry import ModelVersion
 from npuflow.rollout import decide_promotion
 
-TOL = PromotionConfig(ppl_regression_pct=1.0, top1_drop_max=0.01, tpot_regression_pct=25.0)
+TOL = PromotionConfig(ppl_regression_pct=1.0, top1_drop_max=0.01)
+TPOT_PCT = 25.0  # benchmark.tpot_regression_pct: the report's regression gate
 CHAMP_METRICS = {"ppl_candidate": 10.0, "top1_agreement": 0.98, "tpot_ms_p50": 20.0}
 
 
@@ -23,7 +24,8 @@ CHAMPION = _version("2", aliases=("champion",))
 
 def _decide(candidate_metrics: dict[str, float], champion: ModelVersion | None = CHAMPION, champion_metrics=None):
     return decide_promotion(
-        CANDIDATE, candidate_metrics, champion, CHAMP_METRICS if champion_metrics is None else champion_metrics, TOL
+        CANDIDATE, candidate_metrics, champion, CHAMP_METRICS if champion_metrics is None else champion_metrics, TOL,
+        TPOT_PCT,
     )
 
 
@@ -31,7 +33,7 @@ def _decide(candidate_metrics: dict[str, float], champion: ModelVersion | None =
 def test_gates_not_passed_keeps_champion(gates: str | None) -> None:
     candidate = _version("3", gates=gates)
     for champion in (CHAMPION, None):  # even with no champion to keep
-        d = decide_promotion(candidate, dict(CHAMP_METRICS), champion, CHAMP_METRICS, TOL)
+        d = decide_promotion(candidate, dict(CHAMP_METRICS), champion, CHAMP_METRICS, TOL, TPOT_PCT)
         assert d.action == "keep_champion" and not d.promote
         assert "gates failed" in d.reasons[0]
         assert d.candidate_version == "3"
@@ -45,7 +47,7 @@ def test_no_champion_promotes() -> None:
 
 
 def test_same_version_is_already_champion() -> None:
-    d = decide_promotion(CHAMPION, CHAMP_METRICS, CHAMPION, CHAMP_METRICS, TOL)
+    d = decide_promotion(CHAMPION, CHAMP_METRICS, CHAMPION, CHAMP_METRICS, TOL, TPOT_PCT)
     assert d.action == "already_champion" and not d.promote
     assert d.reasons == ["version 2 is already the champion"]
 
@@ -55,7 +57,7 @@ def test_worse_ppl_beyond_tolerance_keeps_champion() -> None:
     assert d.action == "keep_champion"
     assert d.champion_version == "2"
     assert "worse than champion v2 beyond tolerance" in d.reasons[0]
-    assert "ppl_candidate: 10.2 vs champion 10 (limit 10.1)" in d.reasons[0]
+    assert "ppl_candidate: 10.2 vs champion v2 10 (+2.00%, allowed +1%)" in d.reasons[0]
     assert "tpot_ms_p50" not in d.reasons[0]  # only the metrics that are worse are blamed
 
 
@@ -73,7 +75,7 @@ def test_better_everywhere_promotes() -> None:
 def test_tpot_regression_keeps_champion() -> None:
     d = _decide({**CHAMP_METRICS, "tpot_ms_p50": 26.0})  # +30% > 25%
     assert d.action == "keep_champion"
-    assert "tpot_ms_p50: 26 vs champion 20 (limit 25)" in d.reasons[0]
+    assert "tpot_ms_p50: 26 ms vs champion 20 ms (+30.0%, limit +25%)" in d.reasons[0]
 
 
 def test_tpot_exactly_at_the_limit_promotes() -> None:
@@ -95,13 +97,24 @@ def test_several_regressions_are_all_named() -> None:
         assert metric in d.reasons[0]
 
 
-def test_missing_metrics_are_noted_not_blocking() -> None:
+def test_an_unmeasured_candidate_speed_blocks_a_missing_champion_one_does_not() -> None:
     d = _decide({"ppl_candidate": 10.0, "top1_agreement": 0.98})  # no benchmark on the candidate
-    assert d.action == "promote"
-    assert "tpot_ms_p50: not compared (missing on candidate)" in d.reasons
+    assert d.action == "keep_champion"
+    assert "candidate has no tpot_ms_p50: it was not benchmarked" in d.reasons[0]
     d = _decide(dict(CHAMP_METRICS), champion_metrics={"ppl_candidate": 10.0, "top1_agreement": 0.98})
     assert d.action == "promote"
-    assert "tpot_ms_p50: not compared (missing on champion)" in d.reasons
+    assert "no champion TPOT to compare against: the regression gate does not apply" in d.reasons
+
+
+def test_every_scenario_both_measured_is_gated() -> None:
+    champ = {**CHAMP_METRICS, "tpot_ms_p50.bs4_in64_out32": 30.0}
+    d = _decide({**CHAMP_METRICS, "tpot_ms_p50.bs4_in64_out32": 40.0}, champion_metrics=champ)  # +33%
+    assert d.action == "keep_champion" and "tpot_ms_p50.bs4_in64_out32" in d.reasons[0]
+
+
+def test_promotion_config_points_to_the_one_tpot_tolerance() -> None:
+    with pytest.raises(ValueError, match=r"moved to benchmark\.tpot_regression_pct"):
+        PromotionConfig(tpot_regression_pct=5.0)
 
 
 def test_missing_metric_does_not_hide_a_regression() -> None:
@@ -114,8 +127,10 @@ def test_missing_metric_does_not_hide_a_regression() -> None:
 def test_stricter_tolerance_changes_the_decision() -> None:
     metrics = {**CHAMP_METRICS, "ppl_candidate": 10.05}
     assert _decide(metrics).action == "promote"
-    strict = PromotionConfig(ppl_regression_pct=0.1, top1_drop_max=0.01, tpot_regression_pct=25.0)
-    assert decide_promotion(CANDIDATE, metrics, CHAMPION, CHAMP_METRICS, strict).action == "keep_champion"
+    strict = PromotionConfig(ppl_regression_pct=0.1, top1_drop_max=0.01)
+    assert decide_promotion(CANDIDATE, metrics, CHAMPION, CHAMP_METRICS, strict, TPOT_PCT).action == "keep_champion"
+    assert decide_promotion(CANDIDATE, {**metrics, "tpot_ms_p50": 22.0}, CHAMPION, CHAMP_METRICS, TOL,
+                            5.0).action == "keep_champion"  # +10% TPOT > +5%
 
 
 def test_nan_metric_is_worse_than_any_champion() -> None:
@@ -127,5 +142,5 @@ def test_a_rolled_back_version_is_never_promoted_again() -> None:
     rolled = ModelVersion(name="tiny-llama", version="3", aliases=[], run_id="run-3",
                           tags={"gates": "passed", "rollout": "rolled_back", "rollback_reason": "canary errors"})
     for champion in (CHAMPION, None):
-        d = decide_promotion(rolled, dict(CHAMP_METRICS), champion, CHAMP_METRICS, TOL)
+        d = decide_promotion(rolled, dict(CHAMP_METRICS), champion, CHAMP_METRICS, TOL, TPOT_PCT)
         assert d.action == "keep_champion" and "was rolled back (canary errors)" in d.reasons[0]

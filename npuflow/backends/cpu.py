@@ -118,11 +118,23 @@ def now_ms() -> float:
 
 
 def reset_peak_memory() -> None:
-    pass
+    """Start the peak over from the current resident set (Linux: "5" to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then covers the whole process lifetime
 
 
 def peak_memory_mb() -> float:
-    """Peak resident set size of this process (the whole serving process on a CPU)."""
+    """Peak resident set size of this process since start or the last reset (the whole serving process on
+    a CPU). VmHWM, not getrusage's ru_maxrss: that one survives fork + exec, so a child started by a big
+    parent would report the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -211,3 +211,26 @@ def test_bf16_w4a16_model_runs_the_packed_int4_kernel(tiny_random_llama_dir: Pat
     assert isinstance(model.model.layers[0].mlp.down_proj, cpu.Int4PackedLinear)
     bf16 = _logits(model, input_ids)
     assert (bf16 - fp32).abs().max().item() <= 0.05 * fp32.abs().max().item()
+
+
+def test_cpu_peak_memory_sees_a_spike_and_resets() -> None:
+    before = cpu.peak_memory_mb()
+    spike = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched
+    spike.sum()
+    assert cpu.peak_memory_mb() >= before + 200
+    del spike
+    cpu.reset_peak_memory()
+    assert cpu.peak_memory_mb() < before + 100  # back near the live set, not the lifetime high
+
+
+def test_cpu_peak_memory_of_a_child_is_its_own(tmp_path: Path) -> None:
+    """A child started by a big parent reports its own peak (getrusage's ru_maxrss would report the parent's)."""
+    import subprocess
+    import sys
+
+    ballast = torch.ones(512 * 2**20 // 4)  # the parent holds 512 MiB while the child runs
+    ballast.sum()
+    code = "from npuflow.backends import cpu; print(cpu.peak_memory_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < cpu.peak_memory_mb() - 256
+    del ballast

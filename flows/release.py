@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger
 from prefect.transactions import transaction
 from pydantic import BaseModel
 
+from flows.rollout import rollout
 from npuflow.config import RunConfig
 from npuflow.errors import GateFailedError
 from npuflow.settings import Settings
@@ -22,7 +23,7 @@ class ReleaseResult(BaseModel):
     name: str
     version: str
     registered_new_version: bool
-    decision: str  # promote | keep_champion | already_champion
+    decision: str  # promote (directly or after the staged rollout) | keep_champion | already_champion
     reasons: list[str]
     gates_passed: bool
     cache_hits: dict[str, bool]  # stage -> found already published
@@ -51,6 +52,15 @@ def release(config: RunConfig) -> ReleaseResult:
     with transaction():
         version = register_task(config, model, quantized, deployable, validation, bench)
         decision = promote_task(version, config.promotion, config.benchmark.tpot_regression_pct)
+
+    # ---- promotion strategy rollout: the candidate takes traffic in stages before it becomes champion ----
+    if decision.action == "rollout":
+        log.info("staged rollout of v%s: %s", version.version,
+                 ", ".join(f"{s.name} {s.weight:g}%" for s in config.rollout.stages))
+        staged = rollout(config)  # raises RolloutFailedError (the run fails) when a stage fails or is rejected
+        decision = decision.model_copy(update={"action": "promote", "reasons": [
+            f"staged rollout passed ({', '.join(f'{r.name} {r.weight:g}%' for r in staged.stages)}), "
+            f"approved by {staged.approved_by}", *decision.reasons]})
 
     hits = {"fetch": model.cache_hit, "quantize": quantized.cache_hit, "convert": deployable.cache_hit,
             "validate": validation.cache_hit}

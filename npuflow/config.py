@@ -219,6 +219,9 @@ class PromotionConfig(_Frozen):
     ppl_regression_pct: float = Field(1.0, ge=0)  # ppl_candidate at most this % above the champion's
     top1_drop_max: float = Field(0.01, ge=0)  # top1_agreement at most this much below the champion's
     # speed: benchmark.tpot_regression_pct, the report's regression gate, which promotion applies too
+    # direct: a candidate that passes takes `champion` at once; rollout: it stays `candidate` and the
+    # release flow runs the staged rollout (rollout:) to move it (the first version is promoted directly)
+    strategy: Literal["direct", "rollout"] = "direct"
 
     @model_validator(mode="before")
     @classmethod

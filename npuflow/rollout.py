@@ -17,7 +17,7 @@ log = logging.getLogger("npuflow.rollout")
 
 class PromotionDecision(BaseModel):
     model_config = ConfigDict(frozen=True)
-    action: Literal["promote", "keep_champion", "already_champion"]
+    action: Literal["promote", "keep_champion", "already_champion", "rollout"]  # rollout: staged, pending
     reasons: list[str]
     candidate_version: str
     champion_version: str | None
@@ -57,6 +57,10 @@ def decide_promotion(
     if not c.passed:
         return decision("keep_champion", [f"worse than champion v{champ_v} beyond tolerance: "
                                           + "; ".join(c.failures), *c.notes])
+    if tol.strategy == "rollout":
+        return decision("rollout", [f"not worse than champion v{champ_v} beyond tolerance; promotion "
+                                    "strategy rollout: it stays `candidate` until the staged rollout passes",
+                                    *c.notes])
     return decision("promote", [f"not worse than champion v{champ_v} beyond tolerance", *c.notes])
 
 
@@ -71,6 +75,10 @@ def apply_promotion(c, candidate: ModelVersion, decision: PromotionDecision, app
         set_aliases(c, candidate.name, {PREVIOUS: decision.champion_version, CHAMPION: candidate.version}
                     if decision.champion_version else {CHAMPION: candidate.version})
         log.info("champion -> version %s (previous: %s)", candidate.version, decision.champion_version)
+    elif decision.action == "rollout":
+        tag_version(c, candidate, {"rollout": "pending", "promotion_reason": reason})
+        log.info("version %s waits for its staged rollout against champion %s", candidate.version,
+                 decision.champion_version)
     elif decision.action == "keep_champion":
         keep = candidate.tags.get("rollout") == "rolled_back"  # that record stays as it is
         tag_version(c, candidate, {"promotion_reason": reason} if keep else {"rollout": "rejected",

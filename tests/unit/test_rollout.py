@@ -144,3 +144,14 @@ def test_a_rolled_back_version_is_never_promoted_again() -> None:
     for champion in (CHAMPION, None):
         d = decide_promotion(rolled, dict(CHAMP_METRICS), champion, CHAMP_METRICS, TOL, TPOT_PCT)
         assert d.action == "keep_champion" and "was rolled back (canary errors)" in d.reasons[0]
+
+
+def test_rollout_strategy_leaves_a_passing_candidate_for_the_staged_rollout() -> None:
+    staged = PromotionConfig(ppl_regression_pct=1.0, top1_drop_max=0.01, strategy="rollout")
+    d = decide_promotion(CANDIDATE, dict(CHAMP_METRICS), CHAMPION, CHAMP_METRICS, staged, TPOT_PCT)
+    assert d.action == "rollout" and not d.promote and "until the staged rollout passes" in d.reasons[0]
+    worse = decide_promotion(CANDIDATE, {**CHAMP_METRICS, "ppl_candidate": 11.0}, CHAMPION, CHAMP_METRICS, staged,
+                             TPOT_PCT)
+    assert worse.action == "keep_champion"  # the tolerances still decide first
+    first = decide_promotion(CANDIDATE, dict(CHAMP_METRICS), None, {}, staged, TPOT_PCT)
+    assert first.action == "promote"  # no champion to stage against

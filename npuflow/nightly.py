@@ -8,7 +8,6 @@ is a pure function of the recorded and the new metrics under the config's promot
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -103,23 +102,9 @@ def champion_record(c, name: str) -> ChampionRecord:
             f"no champion for {name!r} in the registry ({registry.aliases(c, name) or 'no aliases'}): "
             "there is nothing to check; release a model first (npuflow run CONFIG)"
         )
-    sha = champion.tags.get("artifact_sha256")
-    if not champion.run_id or not sha:
-        raise NpuflowError(f"{name} champion v{champion.version} has no MLflow run or artifact_sha256 tag: "
-                           "it was not registered by npuflow")
+    deployable, _ = registry.deployable_of(c, champion)  # checked against the artifact_sha256 tag
     with tempfile.TemporaryDirectory(prefix="npuflow-nightly-") as tmp:
-        try:
-            local = Path(c.download_artifacts(champion.run_id, "deployable", tmp))
-            raw = (local / "manifest.json").read_bytes()
-            location = json.loads((local / "location.json").read_text())
-        except Exception as err:  # MlflowException, OSError, ValueError: one message either way
-            raise NpuflowError(f"{name} champion v{champion.version}: cannot read deployable/ from run "
-                               f"{champion.run_id}: {err}") from None
         config = _recorded_config(c, champion.run_id, tmp)
-    if hashlib.sha256(raw).hexdigest() != sha:
-        raise IntegrityError(f"{name} champion v{champion.version}: deployable/manifest.json of run "
-                             f"{champion.run_id} does not match the version's artifact_sha256 {sha[:12]}…")
-    deployable = Deployable.model_validate({**json.loads(raw), "uri": location["uri"]})
     return ChampionRecord(version=champion, deployable=deployable, metrics=registry.run_metrics(c, champion),
                           config=config)
 

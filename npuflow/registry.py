@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 import npuflow
 from npuflow.artifacts import BenchmarkReport, Deployable, ModelArtifact, QuantizedArtifact, ValidationReport
 from npuflow.config import RunConfig, flatten
-from npuflow.errors import NpuflowError
+from npuflow.errors import IntegrityError, NpuflowError
 from npuflow.report import render, scenario_metrics
 
 log = logging.getLogger("npuflow.registry")
@@ -317,3 +318,24 @@ def set_aliases(c, name: str, wanted: dict[str, str | None]) -> None:
 def tag_version(c, version: ModelVersion, tags: dict[str, str]) -> None:
     for k, v in tags.items():
         c.set_model_version_tag(version.name, version.version, k, v)
+
+
+def deployable_of(c, version: ModelVersion) -> tuple[Deployable, dict[str, str]]:
+    """The version's Deployable from its MLflow run, checked against the version's artifact_sha256 tag."""
+    where = f"{version.name} version {version.version}"
+    sha = version.tags.get("artifact_sha256")
+    if not version.run_id or not sha:
+        raise NpuflowError(f"{where} has no MLflow run or artifact_sha256 tag: not registered by npuflow")
+    with tempfile.TemporaryDirectory(prefix="npuflow-registry-") as tmp:
+        try:
+            local = Path(c.download_artifacts(version.run_id, "deployable", tmp))
+            raw = (local / "manifest.json").read_bytes()
+            location = json.loads((local / "location.json").read_text())
+        except Exception as err:  # MlflowException, OSError, ValueError: one message either way
+            raise NpuflowError(f"{where}: cannot read deployable/ from run {version.run_id}: {err}") from None
+    if hashlib.sha256(raw).hexdigest() != sha:
+        raise IntegrityError(
+            f"{where}: deployable/manifest.json of run {version.run_id} does not match the version's "
+            f"artifact_sha256 {sha[:12]}…; the registry entry or the run's artifacts were modified"
+        )
+    return Deployable.model_validate({**json.loads(raw), "uri": location["uri"]}), location

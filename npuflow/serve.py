@@ -20,13 +20,11 @@ Inference runs in a worker thread with one lock per model, so the event loop kee
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import logging
 import random
 import secrets
-import tempfile
 import threading
 import time
 import uuid
@@ -54,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from npuflow import registry
 from npuflow.artifacts import Deployable, QuantizedArtifact, load_manifest, materialize
 from npuflow.backends import get_backend
-from npuflow.errors import IntegrityError, NpuflowError
+from npuflow.errors import NpuflowError
 from npuflow.runtime import DTYPES, load_quantized, load_tokenizer
 from npuflow.store import open_store
 
@@ -114,27 +112,6 @@ class LoadedModel:
         return self.version.version
 
 
-def _deployable_of(c, version: registry.ModelVersion) -> tuple[Deployable, dict[str, str]]:
-    """The version's Deployable from its MLflow run, checked against the version's artifact_sha256 tag."""
-    where = f"{version.name} version {version.version}"
-    sha = version.tags.get("artifact_sha256")
-    if not version.run_id or not sha:
-        raise NpuflowError(f"{where} has no MLflow run or artifact_sha256 tag: not registered by npuflow")
-    with tempfile.TemporaryDirectory(prefix="npuflow-serve-") as tmp:
-        try:
-            local = Path(c.download_artifacts(version.run_id, "deployable", tmp))
-            raw = (local / "manifest.json").read_bytes()
-            location = json.loads((local / "location.json").read_text())
-        except Exception as err:  # MlflowException, OSError, ValueError: one message either way
-            raise NpuflowError(f"{where}: cannot read deployable/ from run {version.run_id}: {err}") from None
-    if hashlib.sha256(raw).hexdigest() != sha:
-        raise IntegrityError(
-            f"{where}: deployable/manifest.json of run {version.run_id} does not match the version's "
-            f"artifact_sha256 {sha[:12]}…; the registry entry or the run's artifacts were modified"
-        )
-    return Deployable.model_validate({**json.loads(raw), "uri": location["uri"]}), location
-
-
 def _find_quantized(deployable: Deployable, location: dict[str, str], store_uri: str):
     """The quantized weights' manifest and store: the configured store first, then the recorded one."""
     roots = [store_uri]
@@ -155,7 +132,7 @@ def _find_quantized(deployable: Deployable, location: dict[str, str], store_uri:
 def load_version(c, version: registry.ModelVersion, opts: ServeOptions) -> LoadedModel:
     """Load a registered version's quantized weights with its deployable's device and dtype, then check
     that it answers (one forward pass)."""
-    deployable, location = _deployable_of(c, version)
+    deployable, location = registry.deployable_of(c, version)
     backend = get_backend(deployable.device)
     quantized, store = _find_quantized(deployable, location, opts.store_uri)
     model_dir = materialize(store, quantized.key, quantized.files, opts.cache_dir)

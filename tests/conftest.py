@@ -30,7 +30,20 @@ def tiny_source(tiny_model_dir, tmp_path) -> Path:
     return dest
 
 
-def _free_port() -> int:
+def wait_until_up(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Poll `url` until it answers (True), or the process exits or time runs out (False)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return True
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.3)
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -39,21 +52,15 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """moto's standalone S3 server in its own process on 127.0.0.1 and a free port."""
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto server did not start on {url}") from None
-            time.sleep(0.3)
+    if not wait_until_up(f"{url}/moto-api/", proc, timeout_s=60):
+        proc.kill()
+        raise RuntimeError(f"moto server did not start on {url}")
     yield url
     proc.terminate()
     proc.wait(timeout=20)

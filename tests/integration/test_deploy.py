@@ -6,24 +6,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port, wait_until_up
+
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -36,7 +29,7 @@ def _env(**extra: str) -> dict[str, str]:
 def prefect_server(tmp_path_factory):
     """`prefect server start` on 127.0.0.1 and a free port; yields its API URL."""
     home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -45,17 +38,9 @@ def prefect_server(tmp_path_factory):
                  PREFECT_UI_ENABLED="false", PREFECT_SERVER_ANALYTICS_ENABLED="false"),
     )
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-                raise RuntimeError(f"prefect server did not start on {url}:\n"
-                                   + (home / "server.log").read_text()[-3000:]) from None
-            time.sleep(0.5)
+    if not wait_until_up(f"{url}/health", proc, timeout_s=120):
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        raise RuntimeError(f"prefect server did not start on {url}:\n" + (home / "server.log").read_text()[-3000:])
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -157,7 +142,7 @@ def test_prefect_deploy_with_infra_prefect_yaml_registers_the_same(prefect_serve
 
 def test_no_server_is_a_clear_error_and_exit_2(tmp_path):
     config = str(REPO / "configs" / "tiny-llama-cpu.yaml")
-    dead = f"http://127.0.0.1:{_free_port()}/api"
+    dead = f"http://127.0.0.1:{free_port()}/api"
     proc = npuflow_deploy("--config", config, "--api-url", dead, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert f"no Prefect server answers at {dead}" in proc.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from npuflow import registry
 from npuflow.config import parse_config
 from npuflow.serve import ModelPool, ServeOptions, create_app
 from npuflow.settings import Settings
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -90,12 +90,6 @@ def options(**kw) -> ServeOptions:
                         cache_dir=s.cache_dir, **kw)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serving(opts: ServeOptions) -> Iterator[tuple[str, ModelPool]]:
     """uvicorn in a thread on 127.0.0.1 and a free port, the pool loaded first (as `npuflow serve` does)."""
@@ -103,7 +97,7 @@ def serving(opts: ServeOptions) -> Iterator[tuple[str, ModelPool]]:
 
     pool = ModelPool(opts)
     pool.reload()
-    server = uvicorn.Server(uvicorn.Config(create_app(pool), host="127.0.0.1", port=_free_port(),
+    server = uvicorn.Server(uvicorn.Config(create_app(pool), host="127.0.0.1", port=free_port(),
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -272,7 +266,7 @@ def npuflow(*args: str, cwd: Path, env: dict[str, str] | None = None, **kw):
 @contextmanager
 def serve_process(cwd: Path, token: str) -> Iterator[str]:
     (cwd / "tiny.yaml").write_text(f"name: {NAME}\nsource: {{uri: 'file:///unused'}}\n")
-    port = _free_port()
+    port = free_port()
     log = open(cwd / "serve.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve", "--config", "tiny.yaml", "--port", str(port)],

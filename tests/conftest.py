@@ -103,3 +103,14 @@ def npuflow_home(tmp_path, monkeypatch) -> Path:
     for k in ("MLFLOW_TRACKING_URI", "NPUFLOW_STORE_URI", "NPUFLOW_TRACKING_URI"):
         monkeypatch.delenv(k, raising=False)
     return home
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`gpu` tests run only where torch sees a CUDA device (`cuda.unavailable()` gives the reason)."""
+    from npuflow.backends import cuda
+
+    why = cuda.unavailable()
+    if why:
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=f"no CUDA here: {why}"))

@@ -63,14 +63,6 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def timed_generation(model, backend, prompt: torch.Tensor, output_len: int) -> tuple[float, list[float], float]:
-    """HF's own loop (DynamicCache): greedy decode of exactly output_len tokens;
-    returns (ttft_ms, per-step decode ms, end-to-end ms)."""
-    ttft, steps, e2e, _ = HFLoop(model, backend)(prompt, output_len)
-    return ttft, steps, e2e
-
-
-@torch.inference_mode()
 def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy continuation (B, new_tokens) with HF's loop (DynamicCache)."""
     out = model(prompt, use_cache=True)

@@ -99,6 +99,18 @@ def make_writer(fmt: str, out_dir: Path, scheme: str, hf_config: dict) -> Writer
     return _module(fmt).Writer(out_dir, scheme, hf_config)
 
 
+def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in model_dir, by name (the formats' readers start here)."""
+    from safetensors import safe_open
+
+    raw: dict[str, torch.Tensor] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                raw[name] = f.get_tensor(name)
+    return raw
+
+
 def read_quantized(model_dir: Path, fmt: str) -> Shard:
     """Every tensor of a quantized checkpoint, integer weights as QuantizedWeight (unpacked)."""
     return _module(fmt).read(model_dir)

@@ -31,11 +31,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from npuflow.errors import ConfigError, NpuflowError
-from npuflow.formats import QuantizedWeight, Shard, fused_mismatches
+from npuflow.formats import QuantizedWeight, Shard, fused_mismatches, read_tensors
 
 INDEX = "model.safetensors.index.json"  # the index vLLM reads to pick the shards
 FORMAT = "pack-quantized"
@@ -162,11 +161,7 @@ def read(model_dir: Path) -> Shard:
     if qc and (qc.get("format") != FORMAT or len(groups) != 1):
         raise NpuflowError(f"{model_dir}: npuflow reads one {FORMAT} config group, got {qc.get('format')!r} "
                            f"with {len(groups)} groups")
-    raw: dict[str, torch.Tensor] = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                raw[name] = f.get_tensor(name)
+    raw = read_tensors(model_dir)
     out: Shard = {}
     for name in [n for n in raw if n.endswith("." + PACKED)]:
         if not groups:

@@ -33,11 +33,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from npuflow.errors import ConfigError, NpuflowError
-from npuflow.formats import QuantizedWeight, Shard, fused_mismatches
+from npuflow.formats import QuantizedWeight, Shard, fused_mismatches, read_tensors
 
 DESCRIPTION = "quant_model_description.json"
 VERSION = "1.0.0"  # the description version msmodelslim's AscendV1Saver writes
@@ -124,11 +123,7 @@ def read(model_dir: Path) -> Shard:
     msmodelslim documents it, w ~= (q - offset) * scale.
     """
     description = json.loads((model_dir / DESCRIPTION).read_text())
-    raw: dict[str, torch.Tensor] = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                raw[name] = f.get_tensor(name)
+    raw = read_tensors(model_dir)
     out: Shard = {}
     for name, kind in description.items():
         if not name.endswith(".weight") or kind == FLOAT or not isinstance(kind, str):

@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from npuflow.formats import QuantizedWeight, Shard
+from npuflow.formats import QuantizedWeight, Shard, read_tensors
 
 INDEX = "model.safetensors.index.json"
 SCALE, ZERO = "weight_scale", "weight_zero_point"
@@ -69,11 +68,7 @@ def read(model_dir: Path) -> Shard:
     """Tensors by name; the quant manifest says which are integer weights (never the file names)."""
     tensors = json.loads((model_dir / "quant_manifest.json").read_text())["tensors"]
     quantized = {k: v for k, v in tensors.items() if v["quantized"]}
-    raw: dict[str, torch.Tensor] = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(shard, framework="pt") as f:
-            for name in f.keys():
-                raw[name] = f.get_tensor(name)
+    raw = read_tensors(model_dir)
     out: Shard = {}
     for name, meta in quantized.items():
         prefix = name.removesuffix("weight")

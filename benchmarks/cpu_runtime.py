@@ -6,7 +6,7 @@ Model: random-init Llama, hidden 1024, 12 layers, 16 heads, intermediate 2816, v
 hf-eager: transformers on the unquantized model in fp32 with its default DynamicCache (the baseline).
 npuflow:  the same weights quantized w8a16 (embeddings and lm_head float), bf16 activations,
           aten._weight_int8pack_mm for decode, a dequantized bf16 matmul for prefill, a static KV
-          cache and the decode step compiled with torch.compile (inductor): npuflow.benchmark.EngineLoop,
+          cache and the decode step compiled with torch.compile (inductor): npuflow.bench.measure.EngineLoop,
           what `npuflow benchmark --runtime npuflow` times.
 npuflow-w4: the same with w4a16 group 128 on aten._weight_int4pack_mm_for_cpu.
 Prints TTFT and TPOT p50 per runtime, decode tokens/s, the ratios, compile time, and whether the
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from npuflow.backends import cpu
-from npuflow.benchmark import EngineLoop, HFLoop
-from npuflow.config import QuantizationConfig
-from npuflow.quantize import quantize_dir
-from npuflow.runtime import load_quantized
+from npuflow.bench.measure import EngineLoop, HFLoop
+from npuflow.core.config import QuantizationConfig
+from npuflow.quant.streaming import quantize_dir
+from npuflow.runtime.backends import cpu
+from npuflow.runtime.loader import load_quantized
 
 SHAPE = {"hidden_size": 1024, "num_hidden_layers": 12, "num_attention_heads": 16, "num_key_value_heads": 16,
          "intermediate_size": 2816, "vocab_size": 32000, "max_position_embeddings": 2048,
@@ -59,8 +59,8 @@ def through_the_cli(src: Path, qdir: Path, a: argparse.Namespace) -> None:
         for i in range(2):
             for runtime, model in (("hf-eager", src), ("npuflow", qdir)):
                 out = Path(tmp) / f"{runtime}-{i}.json"
-                cmd = [sys.executable, "-m", "flows.cli", "benchmark", str(model), "--runtime", runtime, *common,
-                       "--json", str(out)]
+                cmd = [sys.executable, "-m", "npuflow.cli", "benchmark", str(model), "--runtime", runtime, *common,
+                       "--output", str(out)]
                 subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1],
                                env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
                 rows[runtime].append(json.loads(out.read_text()))

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from npuflow.backends import cpu
-from npuflow.config import QuantizationConfig
-from npuflow.quantize import quantize_model
-from npuflow.runtime import load_quantized, load_reference, load_tokenizer
-from npuflow.tinymodel import build_tiny_llama, eval_text
-from npuflow.validate import compare, make_windows
+from npuflow.core.config import QuantizationConfig
+from npuflow.core.text import make_windows
+from npuflow.demo.tinymodel import build_tiny_llama, eval_text
+from npuflow.eval.quality import compare
+from npuflow.quant.model import quantize_model
+from npuflow.runtime.backends import cpu
+from npuflow.runtime.loader import load_quantized, load_reference, load_tokenizer
 
 RUNS = [("w8a16", None, "rtn"), ("w8a16", None, "gptq"), ("w4a16", 128, "rtn"), ("w4a16", 128, "gptq"),
         ("w4a16", 32, "rtn"), ("w4a16", 32, "gptq")]

@@ -91,8 +91,8 @@ def vm_hwm_mb() -> float:
 
 def child(src: str, out: str, scheme: str) -> None:
     """Run in a fresh process: quantize, then print seconds and peak RSS as JSON."""
-    from npuflow.config import QuantizationConfig
-    from npuflow.quantize import quantize_dir
+    from npuflow.core.config import QuantizationConfig
+    from npuflow.quant.streaming import quantize_dir
 
     base = vm_hwm_mb()  # after imports: the process baseline
     t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/repeatability.py [--threads 1] [--seconds 2]
 
-Builds the demo model, quantizes it (w8a16), runs `npuflow.benchmark.measure` twice in a row and
+Builds the demo model, quantizes it (w8a16), runs `npuflow.bench.measure.measure` twice in a row and
 prints both TPOT p50 values and their relative difference (target <= 10%). One intra-op thread by
 default: on a shared 2-core machine a 2-thread OpenMP team stalls whenever another process takes a
 core, while a single thread only loses whole steps, which the median ignores.
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from npuflow.benchmark import measure
-from npuflow.config import BenchmarkConfig, QuantizationConfig
-from npuflow.quantize import quantize_dir
-from npuflow.tinymodel import build_tiny_llama
+from npuflow.bench.measure import measure
+from npuflow.core.config import BenchmarkConfig, QuantizationConfig
+from npuflow.demo.tinymodel import build_tiny_llama
+from npuflow.quant.streaming import quantize_dir
 
 
 def main() -> None:

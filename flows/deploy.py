@@ -8,16 +8,16 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from npuflow.config import RunConfig
-from npuflow.errors import ConfigError
+from npuflow.core.config import RunConfig
+from npuflow.core.errors import ConfigError
 
 NIGHTLY_CRON = "0 2 * * *"  # minute hour day month weekday: 02:00 every day
 HARDWARE_POOLS = ("cpu", "npu")  # process work pools created on every deploy: one per kind of host
 POOL_BY_DEVICE = {"cpu": "cpu", "cuda": "cuda", "npu": "npu"}  # convert.device -> the pool whose workers have it
 # (deployment name, flow entrypoint as a module path: workers import the installed npuflow, no code pull)
 DEPLOYMENTS = (
-    ("release", "flows.release.release"),
-    ("nightly-check", "flows.nightly.nightly_check"),
+    ("release", "npuflow.flows.release.release"),
+    ("nightly-check", "npuflow.flows.nightly.nightly_check"),
 )
 # non-secret variables that say where the registry and the artifacts are: a flow run started by a worker
 # uses the same ones as the person who deployed (credentials stay in the worker's own environment)

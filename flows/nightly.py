@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from npuflow.tasks.fetch import fetch_task
+from npuflow.tasks.nightly import champion_task, rebenchmark_task, record_check_task, revalidate_task
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
-from npuflow.config import RunConfig
-from npuflow.errors import DriftError
-from npuflow.nightly import DRIFT, OK, check_drift
-from npuflow.settings import Settings
-from tasks.fetch import fetch_task
-from tasks.nightly import champion_task, rebenchmark_task, record_check_task, revalidate_task
+from npuflow.core.config import RunConfig
+from npuflow.core.errors import DriftError
+from npuflow.core.settings import Settings
+from npuflow.registry.nightly import DRIFT, OK, check_drift
 
 
 class NightlyResult(BaseModel):

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+from npuflow.flows.rollout import rollout
+from npuflow.tasks.benchmark import benchmark_task
+from npuflow.tasks.convert import convert_task
+from npuflow.tasks.fetch import fetch_task
+from npuflow.tasks.promote import promote_task
+from npuflow.tasks.quantize import quantize_task
+from npuflow.tasks.register import register_task
+from npuflow.tasks.validate import validate_task
 from prefect import flow, get_run_logger
 from prefect.transactions import transaction
 from pydantic import BaseModel
 
-from flows.rollout import rollout
-from npuflow.config import RunConfig
-from npuflow.errors import GateFailedError
-from npuflow.settings import Settings
-from tasks.benchmark import benchmark_task
-from tasks.convert import convert_task
-from tasks.fetch import fetch_task
-from tasks.promote import promote_task
-from tasks.quantize import quantize_task
-from tasks.register import register_task
-from tasks.validate import validate_task
+from npuflow.core.config import RunConfig
+from npuflow.core.errors import GateFailedError
+from npuflow.core.settings import Settings
 
 
 class ReleaseResult(BaseModel):

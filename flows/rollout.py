@@ -5,18 +5,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Literal
 
-from prefect import flow, get_run_logger
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
-from pydantic import BaseModel
-
-from npuflow.canary import embedded_server, prompts_from_text
-from npuflow.config import RunConfig
-from npuflow.errors import NpuflowError
-from npuflow.settings import Settings
-from npuflow.validate import load_eval_text
-from tasks.rollout import (
+from npuflow.tasks.rollout import (
     StageRecord,
     promote_rollout_task,
     record_approval_task,
@@ -25,6 +14,17 @@ from tasks.rollout import (
     rollback_task,
     stage_task,
 )
+from prefect import flow, get_run_logger
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from pydantic import BaseModel
+
+from npuflow.core.config import RunConfig
+from npuflow.core.errors import NpuflowError
+from npuflow.core.settings import Settings
+from npuflow.core.text import load_eval_text
+from npuflow.serving.canary import embedded_server, prompts_from_text
 
 
 class RolloutFailedError(NpuflowError):
@@ -53,7 +53,7 @@ class RolloutRecord(BaseModel):
 def rollout(config: RunConfig, server_url: str | None = None) -> RolloutRecord:
     """Roll the `candidate` out against the `champion` stage by stage; without server_url an embedded
     serving process is started on 127.0.0.1. A failed stage sends all traffic back to the champion."""
-    from npuflow.serve import ServeOptions
+    from npuflow.serving.options import ServeOptions
 
     settings, log, plan = Settings(), get_run_logger(), config.rollout
     candidate, champion = resolve_versions_task(config.name)

@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
+from npuflow.tasks.common import outcome
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from npuflow.artifacts import BenchmarkReport, Deployable
-from npuflow.benchmark import benchmark
-from npuflow.config import BenchmarkConfig
-from npuflow.store import open_store
-from tasks.common import outcome
+from npuflow.bench.stage import benchmark
+from npuflow.core.artifacts import BenchmarkReport, Deployable
+from npuflow.core.config import BenchmarkConfig
+from npuflow.core.store import open_store
 
 
 @task(name="benchmark", cache_policy=NONE)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from npuflow.errors import StoreError
+from npuflow.core.errors import StoreError
 
 IO_RETRY_DELAYS = [2, 10, 30]  # seconds between tries of an I/O stage
 

@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
+from npuflow.tasks.common import outcome
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from npuflow.artifacts import Deployable, QuantizedArtifact
-from npuflow.config import ConvertConfig
-from npuflow.convert import convert
-from npuflow.store import open_store
-from tasks.common import outcome
+from npuflow.core.artifacts import Deployable, QuantizedArtifact
+from npuflow.core.config import ConvertConfig
+from npuflow.core.store import open_store
+from npuflow.stages.convert import convert
 
 
 @task(name="convert", cache_policy=NONE)

@@ -1,13 +1,13 @@
 """Task: fetch the source's weights into the artifact store."""
 
+from npuflow.tasks.common import IO_RETRY_DELAYS, outcome, retry_io_only
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from npuflow.artifacts import ModelArtifact
-from npuflow.config import SourceConfig
-from npuflow.fetch import fetch
-from npuflow.store import open_store
-from tasks.common import IO_RETRY_DELAYS, outcome, retry_io_only
+from npuflow.core.artifacts import ModelArtifact
+from npuflow.core.config import SourceConfig
+from npuflow.core.store import open_store
+from npuflow.stages.fetch import fetch
 
 
 @task(name="fetch", retries=3, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only,

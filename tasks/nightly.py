@@ -3,18 +3,19 @@
 import tempfile
 from pathlib import Path
 
+from npuflow.tasks.common import IO_RETRY_DELAYS, retry_io_only
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.context import get_run_context
 
-from npuflow import nightly, registry
-from npuflow.artifacts import BenchmarkReport, Deployable, ModelArtifact, ValidationReport
-from npuflow.benchmark import benchmark
-from npuflow.config import BenchmarkConfig, ValidationConfig
-from npuflow.settings import Settings
-from npuflow.store import LocalStore, open_store
-from npuflow.validate import validate
-from tasks.common import IO_RETRY_DELAYS, retry_io_only
+from npuflow.bench.stage import benchmark
+from npuflow.core.artifacts import BenchmarkReport, Deployable, ModelArtifact, ValidationReport
+from npuflow.core.config import BenchmarkConfig, ValidationConfig
+from npuflow.core.settings import Settings
+from npuflow.core.store import LocalStore, open_store
+from npuflow.registry import client as registry
+from npuflow.registry import nightly
+from npuflow.stages.validate import validate
 
 
 @task(name="champion", retries=2, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only,

@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
+from npuflow.tasks.common import IO_RETRY_DELAYS, outcome, retry_io_only
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from npuflow.artifacts import ModelArtifact, QuantizedArtifact
-from npuflow.config import QuantizationConfig, ValidationConfig
-from npuflow.quantize import quantize
-from npuflow.store import open_store
-from tasks.common import IO_RETRY_DELAYS, outcome, retry_io_only
+from npuflow.core.artifacts import ModelArtifact, QuantizedArtifact
+from npuflow.core.config import QuantizationConfig, ValidationConfig
+from npuflow.core.store import open_store
+from npuflow.quant.stage import quantize
 
 
 @task(name="quantize", retries=2, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only,

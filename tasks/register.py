@@ -1,15 +1,22 @@
 """Task: the MLflow run of this pipeline run and the model version (never twice for one artifact)."""
 
+from npuflow.tasks.common import IO_RETRY_DELAYS, retry_io_only
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.context import get_run_context
 from prefect.transactions import get_transaction
 
-from npuflow import registry
-from npuflow.artifacts import BenchmarkReport, Deployable, ModelArtifact, QuantizedArtifact, ValidationReport
-from npuflow.config import RunConfig
-from npuflow.settings import Settings
-from tasks.common import IO_RETRY_DELAYS, retry_io_only
+from npuflow.core.artifacts import (
+    BenchmarkReport,
+    Deployable,
+    ModelArtifact,
+    QuantizedArtifact,
+    ValidationReport,
+)
+from npuflow.core.config import RunConfig
+from npuflow.core.names import Alias
+from npuflow.core.settings import Settings
+from npuflow.registry import client as registry
 
 
 @task(name="register", retries=2, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only,
@@ -46,4 +53,4 @@ def _restore_aliases(txn) -> None:
     if before is None or name is None:
         return
     c = registry.client(Settings().resolved_tracking_uri)
-    registry.set_aliases(c, name, {a: before.get(a) for a in (registry.CANDIDATE, registry.CHAMPION, registry.PREVIOUS)})
+    registry.set_aliases(c, name, {a: before.get(a) for a in (Alias.CANDIDATE, Alias.CHAMPION, Alias.PREVIOUS)})

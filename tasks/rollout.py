@@ -8,12 +8,15 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict
 
-from npuflow import canary, registry
-from npuflow.config import StageConfig
-from npuflow.errors import NpuflowError
-from npuflow.promstats import VersionStats
-from npuflow.rollout import PromotionDecision, StageVerdict, analyze_stage, apply_promotion
-from npuflow.settings import Settings
+from npuflow.core.config import StageConfig
+from npuflow.core.errors import NpuflowError
+from npuflow.core.names import Alias, Tag
+from npuflow.core.settings import Settings
+from npuflow.registry import client as registry
+from npuflow.registry.promotion import PromotionDecision, apply_promotion
+from npuflow.serving import canary
+from npuflow.serving.analysis import StageVerdict, analyze_stage
+from npuflow.serving.promstats import VersionStats
 
 
 class StageRecord(BaseModel):
@@ -34,7 +37,7 @@ def _client():
 def resolve_versions_task(name: str) -> tuple[registry.ModelVersion, registry.ModelVersion]:
     """The candidate (challenger) and the champion; a rollout needs both, and two different versions."""
     c = _client()
-    cand, champ = registry.by_alias(c, name, registry.CANDIDATE), registry.by_alias(c, name, registry.CHAMPION)
+    cand, champ = registry.by_alias(c, name, Alias.CANDIDATE), registry.by_alias(c, name, Alias.CHAMPION)
     if cand is None or champ is None:
         raise NpuflowError(f"{name}: a rollout needs a `candidate` and a `champion` alias; "
                            f"have {sorted(registry.aliases(c, name))}")
@@ -80,22 +83,22 @@ def rollback_task(url: str, candidate: registry.ModelVersion, state: str, reason
     try:
         canary.set_weights(url, 100, 0)
     finally:
-        registry.tag_version(_client(), candidate, {"rollout": state, "rollout_reason": reason[:4900]})
+        registry.tag_version(_client(), candidate, {Tag.ROLLOUT: state, Tag.ROLLOUT_REASON: reason[:4900]})
     get_run_logger().warning("rollout %s: %s", state, reason)
 
 
 @task(name="record-approval", cache_policy=NONE)
 def record_approval_task(candidate: registry.ModelVersion, approved: bool, reviewer: str, comment: str) -> None:
-    registry.tag_version(_client(), candidate, {"approved": "true" if approved else "false",
-                                                "approved_by": reviewer, "approval_comment": comment[:4900]})
+    registry.tag_version(_client(), candidate, {Tag.APPROVED: "true" if approved else "false",
+                                                "approved_by": reviewer, Tag.APPROVAL_COMMENT: comment[:4900]})
 
 
 @task(name="approved-in-registry", cache_policy=NONE)
 def registry_approval_task(candidate: registry.ModelVersion) -> str | None:
     """The reviewer recorded on the version when someone set its tag `approved=true`, else None."""
-    v = registry.by_alias(_client(), candidate.name, registry.CANDIDATE)
+    v = registry.by_alias(_client(), candidate.name, Alias.CANDIDATE)
     tags = v.tags if v is not None and v.version == candidate.version else candidate.tags
-    return tags.get("approved_by", "registry tag approved=true") if tags.get("approved") == "true" else None
+    return tags.get(Tag.APPROVED_BY, "registry tag approved=true") if tags.get(Tag.APPROVED) == "true" else None
 
 
 @task(name="promote-rollout", cache_policy=NONE)

@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
+from npuflow.tasks.common import outcome
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from npuflow.artifacts import Deployable, ModelArtifact, ValidationReport
-from npuflow.config import ValidationConfig
-from npuflow.store import open_store
-from npuflow.validate import validate
-from tasks.common import outcome
+from npuflow.core.artifacts import Deployable, ModelArtifact, ValidationReport
+from npuflow.core.config import ValidationConfig
+from npuflow.core.store import open_store
+from npuflow.stages.validate import validate
 
 
 @task(name="validate", cache_policy=NONE)

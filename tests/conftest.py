@@ -17,7 +17,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The demo model (tiny Llama trained ~30 s), built once per test session."""
-    from npuflow.tinymodel import build_tiny_llama
+    from npuflow.demo.tinymodel import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("upstream") / "tiny-llama")
 
@@ -107,7 +107,7 @@ def npuflow_home(tmp_path, monkeypatch) -> Path:
 
 def pytest_collection_modifyitems(config, items) -> None:
     """`gpu` tests run only where torch sees a CUDA device (`cuda.unavailable()` gives the reason)."""
-    from npuflow.backends import cuda
+    from npuflow.runtime.backends import cuda
 
     why = cuda.unavailable()
     if why:

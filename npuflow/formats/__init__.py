@@ -87,7 +87,7 @@ FORMATS = {
 def _module(fmt: str):
     import importlib
 
-    from npuflow.errors import ConfigError
+    from npuflow.core.errors import ConfigError
 
     try:
         return importlib.import_module(FORMATS[fmt])

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from npuflow.errors import ConfigError, NpuflowError
+from npuflow.core.errors import ConfigError, NpuflowError
 from npuflow.formats import QuantizedWeight, Shard, fused_mismatches, read_tensors
 
 INDEX = "model.safetensors.index.json"  # the index vLLM reads to pick the shards

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from npuflow.errors import ConfigError, NpuflowError
+from npuflow.core.errors import ConfigError, NpuflowError
 from npuflow.formats import QuantizedWeight, Shard, fused_mismatches, read_tensors
 
 DESCRIPTION = "quant_model_description.json"

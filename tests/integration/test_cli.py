@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 def npuflow(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("NPUFLOW_", "MLFLOW_"))}
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "npuflow.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
         env={**full_env, "PYTHONPATH": str(REPO), **(env or {})},
     )
 
@@ -79,7 +79,7 @@ def test_stage_commands_standalone(tiny_model_dir, tmp_path):
 
     bench = tmp_path / "bench.json"
     b = npuflow("benchmark", str(out), "--input-len", "16", "--output-len", "4", "--iterations", "2",
-                "--json", str(bench), cwd=tmp_path)
+                "--output", str(bench), cwd=tmp_path)
     assert b.returncode == 0, b.stderr
     metrics = json.loads(bench.read_text())
     assert metrics["tpot_ms_p50"] > 0 and metrics["decode_tokens_per_s"] > 0
@@ -96,7 +96,7 @@ def test_benchmark_runtimes_side_by_side_and_bad_input(tiny_model_dir, tmp_path)
     results = {}
     for runtime, model, extra in (("hf-eager", tiny_model_dir, []), ("npuflow", q, ["--eager"])):
         out = tmp_path / f"{runtime}.json"
-        proc = npuflow("benchmark", str(model), "--runtime", runtime, *extra, *common, "--json", str(out),
+        proc = npuflow("benchmark", str(model), "--runtime", runtime, *extra, *common, "--output", str(out),
                        cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         results[runtime] = json.loads(out.read_text())
@@ -114,6 +114,6 @@ def test_benchmark_runtimes_side_by_side_and_bad_input(tiny_model_dir, tmp_path)
         (["benchmark", str(q), "--runtime", "llama.cpp"], "unknown --runtime 'llama.cpp'"),
         (["benchmark", str(q), "--device", "npu"], "torch_npu is not installed"),
     ):
-        proc = npuflow(*args, "--json", str(tmp_path / "never.json"), cwd=tmp_path)
+        proc = npuflow(*args, "--output", str(tmp_path / "never.json"), cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "never.json").exists()

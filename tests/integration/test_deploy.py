@@ -52,7 +52,7 @@ def prefect_server(tmp_path_factory):
 
 
 def npuflow_deploy(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "deploy", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "npuflow.cli", "deploy", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300, env=env or _env())
 
 
@@ -80,7 +80,7 @@ def assert_runconfig_form(schema: dict) -> None:
 
 def test_npuflow_deploy_registers_both_deployments_with_schedule_pools_and_form(prefect_server, tmp_path):
     config = REPO / "configs" / "tiny-llama-cpu.yaml"
-    args = ("--config", str(config), "--api-url", prefect_server, "--cron", "30 3 * * 1-5",
+    args = (str(config), "--api-url", prefect_server, "--cron", "30 3 * * 1-5",
             "--timezone", "Europe/Berlin", "--json")
     proc = npuflow_deploy(*args, cwd=tmp_path, env=_env(MLFLOW_TRACKING_URI="http://mlflow.example:5000"))
     assert proc.returncode == 0, proc.stderr
@@ -94,7 +94,7 @@ def test_npuflow_deploy_registers_both_deployments_with_schedule_pools_and_form(
     assert release.schedules == []  # on demand
     (sched,) = nightly.schedules
     assert (sched.schedule.cron, sched.schedule.timezone, sched.active) == ("30 3 * * 1-5", "Europe/Berlin", True)
-    assert (release.entrypoint, nightly.entrypoint) == ("flows.release.release", "flows.nightly.nightly_check")
+    assert (release.entrypoint, nightly.entrypoint) == ("npuflow.flows.release.release", "npuflow.flows.nightly.nightly_check")
     for d in (release, nightly):
         assert_runconfig_form(d.parameter_openapi_schema)
         assert d.enforce_parameter_schema
@@ -106,7 +106,7 @@ def test_npuflow_deploy_registers_both_deployments_with_schedule_pools_and_form(
     assert ids == {"release/release": str(release.id), "nightly-check/nightly-check": str(nightly.id)}
 
     # deploying again updates in place: same ids, the new schedule replaces the old one
-    again = npuflow_deploy("--config", str(config), "--api-url", prefect_server, "--json", cwd=tmp_path)
+    again = npuflow_deploy(str(config), "--api-url", prefect_server, "--json", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert {d["name"]: d["id"] for d in json.loads(again.stdout)["deployments"]} == ids
     (sched,) = read_back(prefect_server)["deployments"]["nightly-check"].schedules
@@ -114,10 +114,9 @@ def test_npuflow_deploy_registers_both_deployments_with_schedule_pools_and_form(
 
 
 def test_prefect_deploy_with_infra_prefect_yaml_registers_the_same(prefect_server, tmp_path):
+    from npuflow.flows.deploy import HARDWARE_POOLS, ensure_pools
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.deploy import HARDWARE_POOLS, ensure_pools
 
     with temporary_settings({PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as client:
         ensure_pools(client, list(HARDWARE_POOLS))  # `prefect deploy` needs them to exist
@@ -130,7 +129,7 @@ def test_prefect_deploy_with_infra_prefect_yaml_registers_the_same(prefect_serve
 
     server = read_back(prefect_server)
     release, nightly = server["deployments"]["release"], server["deployments"]["nightly-check"]
-    assert (release.entrypoint, nightly.entrypoint) == ("flows.release.release", "flows.nightly.nightly_check")
+    assert (release.entrypoint, nightly.entrypoint) == ("npuflow.flows.release.release", "npuflow.flows.nightly.nightly_check")
     assert release.work_pool_name == nightly.work_pool_name == "cpu"
     (sched,) = nightly.schedules
     assert (sched.schedule.cron, sched.schedule.timezone) == ("0 2 * * *", "UTC")
@@ -143,10 +142,10 @@ def test_prefect_deploy_with_infra_prefect_yaml_registers_the_same(prefect_serve
 def test_no_server_is_a_clear_error_and_exit_2(tmp_path):
     config = str(REPO / "configs" / "tiny-llama-cpu.yaml")
     dead = f"http://127.0.0.1:{free_port()}/api"
-    proc = npuflow_deploy("--config", config, "--api-url", dead, cwd=tmp_path)
+    proc = npuflow_deploy(config, "--api-url", dead, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert f"no Prefect server answers at {dead}" in proc.stderr
-    proc = npuflow_deploy("--config", config, cwd=tmp_path)  # no --api-url, no PREFECT_API_URL
+    proc = npuflow_deploy(config, cwd=tmp_path)  # no --api-url, no PREFECT_API_URL
     assert proc.returncode == 2 and "no Prefect server: pass --api-url" in proc.stderr
-    proc = npuflow_deploy("--config", config, "--api-url", dead, "--cron", "every night", cwd=tmp_path)
+    proc = npuflow_deploy(config, "--api-url", dead, "--cron", "every night", cwd=tmp_path)
     assert proc.returncode == 2 and "bad --cron 'every night'" in proc.stderr

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from npuflow import registry
-from npuflow.config import parse_config
-from npuflow.errors import DriftError, NpuflowError
-from npuflow.settings import Settings
+from npuflow.core.config import parse_config
+from npuflow.core.errors import DriftError, NpuflowError
+from npuflow.core.names import Alias
+from npuflow.core.settings import Settings
+from npuflow.registry import client as registry
 
 pytestmark = pytest.mark.integration
 
@@ -37,13 +38,13 @@ def results_in_store(home, stage: str) -> int:
 
 def test_nightly_check_passes_on_the_champion_then_fails_when_it_drifted(prefect_harness, npuflow_home, tiny_source,
                                                                          tmp_path):
-    from flows.nightly import nightly_check
-    from flows.release import release
+    from npuflow.flows.nightly import nightly_check
+    from npuflow.flows.release import release
 
     cfg = make_config(tiny_source.as_uri())
     released = release(cfg)
     c = registry.client(Settings().resolved_tracking_uri)
-    champion = registry.by_alias(c, "tiny-llama", registry.CHAMPION)
+    champion = registry.by_alias(c, "tiny-llama", Alias.CHAMPION)
     recorded = registry.run_metrics(c, champion)
     stored = {s: results_in_store(npuflow_home, s) for s in ("validation", "benchmark")}
     description = c.get_model_version("tiny-llama", released.version).description  # what a reviewer reads
@@ -72,11 +73,11 @@ def test_nightly_check_passes_on_the_champion_then_fails_when_it_drifted(prefect
     version = c.get_model_version("tiny-llama", released.version)
     assert version.tags["nightly_check"] == "drift" and "ppl_candidate" in version.tags["nightly_check_reason"]
     assert c.get_run(version.tags["nightly_check_run_id"]).info.status == "FAILED"
-    assert registry.by_alias(c, "tiny-llama", registry.CHAMPION).version == released.version  # an alert only
+    assert registry.by_alias(c, "tiny-llama", Alias.CHAMPION).version == released.version  # an alert only
 
 
 def test_nightly_check_without_a_champion_says_so(prefect_harness, npuflow_home):
-    from flows.nightly import nightly_check
+    from npuflow.flows.nightly import nightly_check
 
     with pytest.raises(NpuflowError, match=r"no champion for 'tiny-llama'.*release a model first"):
         nightly_check(make_config("file:///nowhere/tiny-llama"))

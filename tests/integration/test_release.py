@@ -8,10 +8,11 @@ from pathlib import Path
 import boto3
 import pytest
 
-from npuflow import registry
-from npuflow.config import parse_config
-from npuflow.errors import GateFailedError, IntegrityError
-from npuflow.settings import Settings
+from npuflow.core.config import parse_config
+from npuflow.core.errors import GateFailedError, IntegrityError
+from npuflow.core.names import Alias
+from npuflow.core.settings import Settings
+from npuflow.registry import client as registry
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +42,7 @@ def mlflow_client():
 def test_release_registers_champion_then_second_run_is_all_cache_hits(
     prefect_harness, npuflow_home, tiny_source
 ):
-    from flows.release import release
+    from npuflow.flows.release import release
 
     cfg = make_config(tiny_source.as_uri())
     first = release(cfg)
@@ -51,7 +52,7 @@ def test_release_registers_champion_then_second_run_is_all_cache_hits(
     db = npuflow_home / "mlflow.db"
     assert db.is_file()
     c = mlflow_client()
-    champion = registry.by_alias(c, "tiny-llama", registry.CHAMPION)
+    champion = registry.by_alias(c, "tiny-llama", Alias.CHAMPION)
     assert champion is not None and champion.version == first.version
     assert REQUIRED_METRICS <= set(registry.run_metrics(c, champion))
     for tag in ("source_uri", "quant_scheme", "format", "device", "artifact_sha256", "gates", "rollout"):
@@ -69,7 +70,7 @@ def test_release_registers_champion_then_second_run_is_all_cache_hits(
 
 
 def test_sha256_mismatch_fails_fetch_and_registers_nothing(prefect_harness, npuflow_home, tiny_source):
-    from flows.release import release
+    from npuflow.flows.release import release
 
     weights = tiny_source / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -84,7 +85,7 @@ def test_sha256_mismatch_fails_fetch_and_registers_nothing(prefect_harness, npuf
 
 
 def test_failed_gate_is_not_promoted_and_champion_is_unchanged(prefect_harness, npuflow_home, tiny_source):
-    from flows.release import release
+    from npuflow.flows.release import release
 
     champion = release(make_config(tiny_source.as_uri()))
     # a different artifact (embeddings and lm_head quantized too) held to a gate it cannot meet
@@ -97,19 +98,19 @@ def test_failed_gate_is_not_promoted_and_champion_is_unchanged(prefect_harness, 
         release(strict)
 
     c = mlflow_client()
-    assert registry.by_alias(c, "tiny-llama", registry.CHAMPION).version == champion.version
+    assert registry.by_alias(c, "tiny-llama", Alias.CHAMPION).version == champion.version
     versions = {v.version: v for v in c.search_model_versions("name='tiny-llama'")}
     assert len(versions) == 2
     failed = next(v for k, v in versions.items() if k != champion.version)
     assert failed.tags["gates"] == "failed" and failed.tags["rollout"] == "rejected"
     assert "gates failed" in failed.tags["promotion_reason"]
-    assert registry.by_alias(c, "tiny-llama", registry.CANDIDATE).version == champion.version
+    assert registry.by_alias(c, "tiny-llama", Alias.CANDIDATE).version == champion.version
 
 
 def test_s3_store_and_s3_source_put_every_artifact_in_the_bucket(
     prefect_harness, npuflow_home, tiny_source, s3_env, monkeypatch
 ):
-    from flows.release import release
+    from npuflow.flows.release import release
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="upstream")
@@ -129,5 +130,5 @@ def test_s3_store_and_s3_source_put_every_artifact_in_the_bucket(
     assert any(k.startswith("team-a/mlflow/") and k.endswith("reports/validation.json") for k in keys)
     assert not (npuflow_home / "artifacts").exists(), "nothing may land in the local store"
     # the registered version points at the artifact in the bucket
-    champion = registry.by_alias(mlflow_client(), "tiny-llama", registry.CHAMPION)
+    champion = registry.by_alias(mlflow_client(), "tiny-llama", Alias.CHAMPION)
     assert champion.tags["artifact_uri"].startswith("s3://npuflow/team-a/models/tiny-llama/deployable/")

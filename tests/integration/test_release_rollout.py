@@ -4,9 +4,9 @@ rollout (embedded server, bounded load generator) before `champion` moves."""
 from __future__ import annotations
 
 import pytest
+from npuflow.flows.release import release
 
-from flows.release import release
-from npuflow import registry
+from npuflow.registry import client as registry
 from tests.integration.test_rollout_flow import NO_RELATIVE, QUICK
 from tests.integration.test_serve import LENIENT_PROMOTION, NAME, client, make_config
 

@@ -8,9 +8,10 @@ import time
 
 import httpx
 import pytest
+from npuflow.flows.rollout import RolloutFailedError, rollout
 
-from flows.rollout import RolloutFailedError, rollout
-from npuflow import registry
+from npuflow.core.names import Alias
+from npuflow.registry import client as registry
 from tests.integration.test_serve import (  # noqa: F401  (home, released: the fixtures the tests use)
     NAME,
     client,
@@ -33,7 +34,7 @@ def config(stages, **rollout_kw):
 
 @pytest.mark.usefixtures("home")
 def test_slow_candidate_fails_canary_traffic_returns_to_champion_and_version_says_why():
-    client().set_registered_model_alias(NAME, registry.CANDIDATE, "1")  # challenger v1 beside champion v2
+    client().set_registered_model_alias(NAME, Alias.CANDIDATE, "1")  # challenger v1 beside champion v2
     cfg = config([{"name": "canary", "weight": 50, **QUICK,
                    "slo": {"tpot_regression_pct": 50, "ttft_regression_pct": None}}])
     with serving(options(challenger_slowdown_ms=30)) as (url, _pool):
@@ -42,7 +43,7 @@ def test_slow_candidate_fails_canary_traffic_returns_to_champion_and_version_say
         health = httpx.get(f"{url}/health").json()
     assert health["weights"]["challenger"] == 0 and health["weights"]["champion"] == 100
     c = client()
-    assert registry.aliases(c, NAME)[registry.CHAMPION] == "2"
+    assert registry.aliases(c, NAME)[Alias.CHAMPION] == "2"
     tags = c.get_model_version(NAME, "1").tags
     assert tags["rollout"] == "rolled_back" and "tpot p95" in tags["rollout_reason"]
 
@@ -70,7 +71,7 @@ def _resume_when_paused(answer: dict, found: list, quit_: threading.Event) -> th
 
 @pytest.mark.usefixtures("home")
 def test_approval_form_resumes_the_flow_records_the_reviewer_and_the_candidate_becomes_champion():
-    client().set_registered_model_alias(NAME, registry.CANDIDATE, "1")
+    client().set_registered_model_alias(NAME, Alias.CANDIDATE, "1")
     cfg = config([{"name": "canary", "weight": 50, **QUICK, "slo": NO_RELATIVE},
                   {"name": "full", "weight": 100, **QUICK, "slo": NO_RELATIVE}],
                  approval=True, approval_timeout_s=120, approval_poll_s=1)
@@ -86,20 +87,20 @@ def test_approval_form_resumes_the_flow_records_the_reviewer_and_the_candidate_b
     assert record.decision == "promoted" and record.approved_by == "ada"
     assert [s.verdict.result for s in record.stages] == ["pass", "pass"]
     c = client()
-    assert registry.aliases(c, NAME)[registry.CHAMPION] == "1"
-    assert registry.aliases(c, NAME)[registry.PREVIOUS] == "2"
+    assert registry.aliases(c, NAME)[Alias.CHAMPION] == "1"
+    assert registry.aliases(c, NAME)[Alias.PREVIOUS] == "2"
     tags = c.get_model_version(NAME, "1").tags
     assert (tags["rollout"], tags["approved_by"], tags["approval_comment"]) == ("promoted", "ada", "latency fine")
 
 
 @pytest.mark.usefixtures("home")
 def test_no_approval_before_the_timeout_rejects_and_keeps_the_champion():
-    client().set_registered_model_alias(NAME, registry.CANDIDATE, "1")
+    client().set_registered_model_alias(NAME, Alias.CANDIDATE, "1")
     cfg = config([{"name": "full", "weight": 100, **QUICK, "slo": NO_RELATIVE}],
                  approval=True, approval_timeout_s=3, approval_poll_s=1)
     with pytest.raises(RolloutFailedError, match="rejected: no approval within 3 s"):
         rollout(cfg)
     c = client()
-    assert registry.aliases(c, NAME)[registry.CHAMPION] == "2"
+    assert registry.aliases(c, NAME)[Alias.CHAMPION] == "2"
     tags = c.get_model_version(NAME, "1").tags
     assert (tags["rollout"], tags["approved"]) == ("rejected", "false")

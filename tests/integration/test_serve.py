@@ -19,10 +19,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from npuflow import registry
-from npuflow.config import parse_config
-from npuflow.serve import ModelPool, ServeOptions, create_app
-from npuflow.settings import Settings
+from npuflow.core.config import parse_config
+from npuflow.core.names import Alias
+from npuflow.core.settings import Settings
+from npuflow.registry import client as registry
+from npuflow.serving.app import create_app
+from npuflow.serving.options import ServeOptions
+from npuflow.serving.pool import ModelPool
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -51,7 +54,7 @@ def make_config(source: str, **sections):
 def released(prefect_harness, tiny_model_dir, tmp_path_factory) -> Path:
     """Two releases: v1 (embeddings and lm_head quantized too), then v2 (the demo's quantization) promoted
     over it. Registry: champion v2, previous v1, candidate v2. Returns that NPUFLOW_HOME."""
-    from flows.release import release
+    from npuflow.flows.release import release
 
     home = tmp_path_factory.mktemp("serve") / ".npuflow"
     with pytest.MonkeyPatch.context() as mp:
@@ -125,7 +128,7 @@ def metric_samples(text: str, name: str) -> dict[tuple, float]:
 
 
 def test_champion_and_challenger_split_traffic_by_weight_and_weights_change_at_run_time(home):
-    client().set_registered_model_alias(NAME, registry.CANDIDATE, "1")  # challenger v1 beside champion v2
+    client().set_registered_model_alias(NAME, Alias.CANDIDATE, "1")  # challenger v1 beside champion v2
     with serving(options(champion_weight=50, challenger_weight=50, token="t0k")) as (url, _pool), \
             httpx.Client() as http:
         health = http.get(f"{url}/health").json()
@@ -235,7 +238,7 @@ def test_challenger_that_fails_to_load_is_out_of_rotation_and_the_champion_serve
     # a version whose recorded artifact hash does not match its run's deployable (a tampered entry)
     bad = c.create_model_version(NAME, source=v1.source, run_id=v1.run_id,
                                  tags={**v1.tags, "artifact_sha256": "0" * 64})
-    c.set_registered_model_alias(NAME, registry.CANDIDATE, bad.version)
+    c.set_registered_model_alias(NAME, Alias.CANDIDATE, bad.version)
     with serving(options(champion_weight=50, challenger_weight=50)) as (url, _pool), httpx.Client() as http:
         health = http.get(f"{url}/health").json()
         chal = health["challenger"]
@@ -248,7 +251,7 @@ def test_challenger_that_fails_to_load_is_out_of_rotation_and_the_champion_serve
         assert pinned.status_code == 503 and "does not match" in pinned.json()["error"]["message"]
 
         # fixed in the registry (candidate -> v1) and reloaded: the challenger is back with its weight
-        c.set_registered_model_alias(NAME, registry.CANDIDATE, "1")
+        c.set_registered_model_alias(NAME, Alias.CANDIDATE, "1")
         state = http.post(f"{url}/admin/reload").json()
         assert state["challenger"]["version"] == "1" and state["challenger"]["weight"] == 50
         assert {complete(http, url).headers["x-model-version"] for _ in range(30)} == {"1", "2"}
@@ -259,7 +262,7 @@ def test_challenger_that_fails_to_load_is_out_of_rotation_and_the_champion_serve
 
 def npuflow(*args: str, cwd: Path, env: dict[str, str] | None = None, **kw):
     full = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_",))}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "npuflow.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env={**full, "PYTHONPATH": str(REPO), **(env or {})}, **kw)
 
 
@@ -269,7 +272,7 @@ def serve_process(cwd: Path, token: str) -> Iterator[str]:
     port = free_port()
     log = open(cwd / "serve.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--config", "tiny.yaml", "--port", str(port)],
+        [sys.executable, "-m", "npuflow.cli", "serve", "tiny.yaml", "--port", str(port)],
         cwd=cwd, stdout=log, stderr=log,
         env={**os.environ, "PYTHONPATH": str(REPO), "NPUFLOW_SERVE_TOKEN": token},
     )
@@ -312,7 +315,7 @@ def test_rollback_restores_previous_champion_and_the_running_server_follows(home
         assert registry.aliases(c, NAME) == {"champion": "1"}
         v1, v2 = c.get_model_version(NAME, "1").tags, c.get_model_version(NAME, "2").tags
         assert v2["rollout"] == "rolled_back" and v2["rolled_back_to"] == "1"
-        assert v2["rollback_reason"] == "garbled answers in canary" and v2["rolled_back_by"] == "oncall"
+        assert v2["rollout_reason"] == "garbled answers in canary" and v2["rolled_back_by"] == "oncall"
         assert v1["rollout"] == "restored" and v1["restored_from"] == "2"
 
         again = npuflow("rollback", NAME, cwd=tmp_path)
@@ -325,7 +328,7 @@ def test_rollback_restores_previous_champion_and_the_running_server_follows(home
 
 def test_rollback_without_previous_fails_with_exit_1_and_changes_nothing(home, tmp_path):
     c = client()
-    c.delete_registered_model_alias(NAME, registry.PREVIOUS)
+    c.delete_registered_model_alias(NAME, Alias.PREVIOUS)
     before = registry.aliases(c, NAME)
     proc = npuflow("rollback", NAME, cwd=tmp_path)
     assert proc.returncode == 1

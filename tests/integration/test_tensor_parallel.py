@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuflow.backends import cpu
-from npuflow.benchmark import greedy_generate, make_prompt
-from npuflow.config import BenchmarkConfig, QuantizationConfig
-from npuflow.parallel import launch
-from npuflow.quantize import quantize_dir
-from npuflow.runtime import load_quantized
+from npuflow.bench.measure import greedy_generate, make_prompt
+from npuflow.core.config import BenchmarkConfig, QuantizationConfig
+from npuflow.quant.streaming import quantize_dir
+from npuflow.runtime.backends import cpu
+from npuflow.runtime.loader import load_quantized
+from npuflow.runtime.parallel import launch
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 def npuflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NPUFLOW_", "MLFLOW_"))}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "npuflow.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env={**env, "PYTHONPATH": str(REPO), **ONE_THREAD})
 
 
@@ -52,7 +52,7 @@ def test_tp2_greedy_tokens_equal_single_device_and_report_shows_both_modes(demo_
     out, report = tmp_path / "bench.json", tmp_path / "report"
     proc = npuflow("benchmark", str(demo_quantized["w8a16"]), "--scenarios", str(scenarios), "--mode",
                    "tensor-parallel", "--tp", "2", "--warmup", "1", "--iterations", "3", "--report",
-                   str(report), "--json", str(out), cwd=tmp_path)
+                   str(report), "--output", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
 

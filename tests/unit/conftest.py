@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuflow.config import QuantizationConfig
-from npuflow.quantize import quantize_dir
+from npuflow.core.config import QuantizationConfig
+from npuflow.quant.streaming import quantize_dir
 
 # ~90k parameters: 2 blocks x 7 linears, GQA (4 query heads over 2 kv heads), vocab 128
 TINY_LLAMA = {

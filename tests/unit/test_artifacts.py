@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from npuflow.artifacts import (
+from npuflow.core.artifacts import (
     MANIFEST,
     FileEntry,
     ModelArtifact,
@@ -19,9 +19,9 @@ from npuflow.artifacts import (
     publish,
     verify_files,
 )
-from npuflow.config import QuantizationConfig
-from npuflow.errors import IntegrityError
-from npuflow.store import LocalStore, open_store
+from npuflow.core.config import QuantizationConfig
+from npuflow.core.errors import IntegrityError
+from npuflow.core.store import LocalStore, open_store
 
 KEY = "models/m/abc123"
 
@@ -153,7 +153,7 @@ def test_load_manifest_corrupt_raises(tmp_path: Path, content: bytes) -> None:
 
 
 def test_load_manifest_of_another_kind_raises(model_files: Path, tmp_path: Path) -> None:
-    from npuflow.artifacts import QuantizedArtifact
+    from npuflow.core.artifacts import QuantizedArtifact
 
     store = open_store(str(tmp_path))
     publish(store, _artifact(store.uri, hash_dir(model_files)), model_files)

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuflow.backends import cpu
-from npuflow.benchmark import build_report, greedy_generate, measure, run_scenario, summarize
-from npuflow.config import BenchmarkConfig
-from npuflow.runtime import load_quantized
+from npuflow.bench.measure import greedy_generate, measure, run_scenario, summarize
+from npuflow.bench.stage import build_report
+from npuflow.core.config import BenchmarkConfig
+from npuflow.runtime.backends import cpu
+from npuflow.runtime.loader import load_quantized
 
 # ---------------------------------------------------------------------------------------------- summarize
 
@@ -128,8 +129,8 @@ def test_measure_every_scenario_then_roofline_on_measured_cpu_bandwidth(quantize
 
 
 def test_scenarios_longer_than_the_model_are_refused_before_any_work(quantized_llama_dir: Path) -> None:
-    from npuflow.benchmark import check_scenarios_fit
-    from npuflow.errors import NpuflowError
+    from npuflow.bench.stage import check_scenarios_fit
+    from npuflow.core.errors import NpuflowError
 
     limit = json.loads((quantized_llama_dir / "config.json").read_text())["max_position_embeddings"]
     check_scenarios_fit(quantized_llama_dir, BenchmarkConfig(input_len=limit - 2, output_len=2))

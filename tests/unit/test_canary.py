@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from npuflow.config import RolloutConfig, SloConfig, StageConfig
-from npuflow.promstats import VersionStats, parse_metrics
-from npuflow.rollout import analyze_stage
-from npuflow.serve import TPOT_BUCKETS, TTFT_BUCKETS
+from npuflow.core.config import RolloutConfig, SloConfig, StageConfig
+from npuflow.serving.analysis import analyze_stage
+from npuflow.serving.metrics import TPOT_BUCKETS, TTFT_BUCKETS
+from npuflow.serving.promstats import VersionStats, parse_metrics
 
 NAME = "tiny-llama"
 

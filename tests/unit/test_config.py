@@ -8,8 +8,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from npuflow.config import BenchmarkConfig, RunConfig, flatten, load_config, parse_config
-from npuflow.errors import ConfigError
+from npuflow.core.config import BenchmarkConfig, RunConfig, flatten, load_config, parse_config
+from npuflow.core.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parents[2] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))

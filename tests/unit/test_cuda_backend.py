@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuflow.backends import cpu, cuda
-from npuflow.backends.common import linear_w8a16_reference
-from npuflow.config import QuantizationConfig
-from npuflow.engine import Engine
-from npuflow.quantize import quantize_dir
-from npuflow.runtime import load_quantized
+from npuflow.core.config import QuantizationConfig
+from npuflow.quant.streaming import quantize_dir
+from npuflow.runtime.backends import cpu, cuda
+from npuflow.runtime.backends.common import linear_w8a16_reference
+from npuflow.runtime.engine import Engine
+from npuflow.runtime.loader import load_quantized
 
 pytestmark = pytest.mark.gpu
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuflow.backends import cpu
-from npuflow.benchmark import greedy_generate
-from npuflow.config import QuantizationConfig
-from npuflow.engine import Engine
-from npuflow.quantize import quantize_dir
-from npuflow.runtime import load_quantized, load_tokenizer
+from npuflow.bench.measure import greedy_generate
+from npuflow.core.config import QuantizationConfig
+from npuflow.quant.streaming import quantize_dir
+from npuflow.runtime.backends import cpu
+from npuflow.runtime.engine import Engine
+from npuflow.runtime.loader import load_quantized, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,12 @@ from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
 from compressed_tensors.quantization import QuantizationConfig as CTQuantizationConfig
 from safetensors.torch import load_file
 
-from npuflow.config import QuantizationConfig
-from npuflow.errors import ConfigError
+from npuflow.core.config import QuantizationConfig
+from npuflow.core.errors import ConfigError
 from npuflow.formats import QuantizedWeight, read_quantized
 from npuflow.formats.compressed_tensors import read
-from npuflow.quantize import quantize_dir, quantize_group_asym, quantize_per_channel_int8
+from npuflow.quant.primitives import quantize_group_asym, quantize_per_channel_int8
+from npuflow.quant.streaming import quantize_dir
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CASES = {"w8a16": ("w8a16", None), "w4a16-g32": ("w4a16", 32), "w4a16-g64": ("w4a16", 64)}

@@ -16,11 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from npuflow.config import QuantizationConfig
-from npuflow.errors import ConfigError, NpuflowError
+from npuflow.core.config import QuantizationConfig
+from npuflow.core.errors import ConfigError, NpuflowError
 from npuflow.formats import QuantizedWeight, read_quantized
 from npuflow.formats.msmodelslim import read
-from npuflow.quantize import quantize_dir, quantize_per_channel_int8
+from npuflow.quant.primitives import quantize_per_channel_int8
+from npuflow.quant.streaming import quantize_dir
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # vLLM's LlamaForCausalLM: the linear layers it builds, HF shards of each (packed_modules_mapping)

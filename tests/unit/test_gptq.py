@@ -9,9 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuflow.config import QuantizationConfig
+from npuflow.core.config import QuantizationConfig
+from npuflow.core.text import make_windows
+from npuflow.demo.tinymodel import TINY_CORPUS_SEED_TRAIN, eval_text, synthetic_corpus
+from npuflow.eval.quality import compare
 from npuflow.formats import QuantizedWeight, read_quantized
-from npuflow.gptq import (
+from npuflow.quant.checkpoint import is_target
+from npuflow.quant.gptq import (
     GPTQResult,
     _Checkpoint,
     _Layers,
@@ -20,9 +24,8 @@ from npuflow.gptq import (
     gptq_weight,
     output_error,
 )
-from npuflow.quantize import W4A16, W8A16, is_target, quantize_dir
-from npuflow.tinymodel import TINY_CORPUS_SEED_TRAIN, eval_text, synthetic_corpus
-from npuflow.validate import compare, make_windows
+from npuflow.quant.schemes import W4A16, W8A16
+from npuflow.quant.streaming import quantize_dir
 
 IGNORE = ("model.embed_tokens", "lm_head")  # the default QuantizationConfig.ignore
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

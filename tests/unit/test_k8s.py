@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import yaml
 
-from npuflow.config import RolloutConfig
-from npuflow.k8s import _DNS1123, ASCEND_RESOURCE, apply, render_stage, resource_name
+from npuflow.core.config import RolloutConfig
+from npuflow.serving.k8s import _DNS1123, ASCEND_RESOURCE, apply, render_stage, resource_name
 
 
 def test_every_stage_renders_an_inference_service_and_a_vllm_ascend_deployment_and_service(tmp_path):

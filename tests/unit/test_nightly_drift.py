@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from npuflow.artifacts import GateResult
-from npuflow.config import PromotionConfig
-from npuflow.nightly import FreshResults, check_drift, stage_prefixes
-from npuflow.store import LocalStore
+from npuflow.core.artifacts import GateResult
+from npuflow.core.config import PromotionConfig
+from npuflow.core.store import LocalStore
+from npuflow.registry.nightly import FreshResults, check_drift, stage_prefixes
 
 TOL = PromotionConfig(ppl_regression_pct=1.0, top1_drop_max=0.01)
 TPOT_PCT = 25.0

@@ -17,8 +17,8 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
-from npuflow.backends import npu_ops
-from npuflow.backends.npu_model import (
+from npuflow.runtime.backends import npu_ops
+from npuflow.runtime.backends.npu_model import (
     NpuAttention,
     NpuDecoderLayer,
     NpuMLP,

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuflow.backends import cpu
-from npuflow.config import QuantizationConfig
-from npuflow.errors import ConfigError, NpuflowError
-from npuflow.offline import ATC_NOT_RUN, export_onnx
-from npuflow.quantize import quantize_dir
-from npuflow.runtime import load_quantized
-from npuflow.tinymodel import build_tiny_llama
+from npuflow.core.config import QuantizationConfig
+from npuflow.core.errors import ConfigError, NpuflowError
+from npuflow.demo.tinymodel import build_tiny_llama
+from npuflow.quant.streaming import quantize_dir
+from npuflow.runtime.backends import cpu
+from npuflow.runtime.loader import load_quantized
+from npuflow.runtime.offline import ATC_NOT_RUN, export_onnx
 
 SEQ = 24  # tokens per sequence of the exported graphs: small keeps each export ~3 s
 
@@ -170,7 +170,7 @@ def test_failed_atc_keeps_the_checked_onnx_and_says_so(w8_dir: Path, tmp_path: P
 
 
 def test_large_weights_go_to_external_data(w8_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("npuflow.offline.EXTERNAL_DATA_BYTES", 0)  # as a 7B model's 27 GB of float32 would
+    monkeypatch.setattr("npuflow.runtime.offline.EXTERNAL_DATA_BYTES", 0)  # as a 7B model's 27 GB of float32 would
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable))
     out = tmp_path / "w8"
     result = export_onnx(w8_dir, out, seq_len=8)
@@ -183,7 +183,7 @@ def test_large_weights_go_to_external_data(w8_dir: Path, tmp_path: Path, monkeyp
 
 def test_a_mismatch_raises_and_publishes_nothing(w8_dir: Path, tmp_path: Path, fake_atc: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("npuflow.offline.TOP1_MIN", 1.01)  # unreachable: stands in for a wrong export
+    monkeypatch.setattr("npuflow.runtime.offline.TOP1_MIN", 1.01)  # unreachable: stands in for a wrong export
     with pytest.raises(NpuflowError, match=r"the ONNX model does not match the torch model: max \|diff\| .* "
                                            r"top-1 agreement 1.0000 \(min 1.01\)"):
         export_onnx(w8_dir, tmp_path / "w8", seq_len=8)
@@ -220,14 +220,14 @@ def test_bad_input_is_refused_and_nothing_is_written(case: str, kwargs: dict, me
 
 
 def test_missing_offline_extra_is_named(w8_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("npuflow.offline.OFFLINE_DEPS", ("onnx", "npuflow_no_such_module"))
+    monkeypatch.setattr("npuflow.runtime.offline.OFFLINE_DEPS", ("onnx", "npuflow_no_such_module"))
     with pytest.raises(ConfigError, match=r"needs npuflow_no_such_module: pip install 'npuflow\[offline\]'"):
         export_onnx(w8_dir, tmp_path / "offline", seq_len=8)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_bad_input_exits_2_and_writes_nothing(demo_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    from flows import cli
+    from npuflow.cli import main as cli
 
     out = tmp_path / "offline"
     monkeypatch.setattr(sys, "argv", ["npuflow", "export-onnx", str(demo_dir), "--output", str(out)])
@@ -239,7 +239,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(demo_dir: Path, tmp_path: Path
 
 
 def test_cli_json(w8_all_dir: Path, tmp_path: Path, fake_atc: Path, monkeypatch, capsys) -> None:
-    from flows import cli
+    from npuflow.cli import main as cli
 
     out = tmp_path / "offline"
     monkeypatch.setattr(sys, "argv", ["npuflow", "export-onnx", str(w8_all_dir), "--output", str(out), "--seq-len", "8",
@@ -255,12 +255,12 @@ def test_cli_json(w8_all_dir: Path, tmp_path: Path, fake_atc: Path, monkeypatch,
 def test_convert_stage_writes_the_offline_model_into_the_deployable(demo_dir: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """convert.offline set: the deployable carries offline/ (ONNX, atc_command.sh, manifest) in the store."""
-    from npuflow.artifacts import Deployable, load_manifest
-    from npuflow.config import ConvertConfig, SourceConfig
-    from npuflow.convert import convert
-    from npuflow.fetch import fetch
-    from npuflow.quantize import quantize
-    from npuflow.store import LocalStore
+    from npuflow.core.artifacts import Deployable, load_manifest
+    from npuflow.core.config import ConvertConfig, SourceConfig
+    from npuflow.core.store import LocalStore
+    from npuflow.quant.stage import quantize
+    from npuflow.stages.convert import convert
+    from npuflow.stages.fetch import fetch
 
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no atc here
     store, cache = LocalStore(tmp_path / "store"), tmp_path / "cache"

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from npuflow.errors import ConfigError
-from npuflow.plan import (
+from npuflow.bench.plan import (
     MODELS,
     cheapest,
     flops_per_token,
@@ -16,6 +15,7 @@ from npuflow.plan import (
     plan,
     weight_bytes,
 )
+from npuflow.core.errors import ConfigError
 
 
 def test_llama_2_parameter_counts_match_the_published_sizes() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from npuflow.backends import npu
-from npuflow.backends.power import PowerSampler, npu_smi_reader, parse_npu_smi_power
+from npuflow.runtime.backends import npu
+from npuflow.runtime.backends.power import PowerSampler, npu_smi_reader, parse_npu_smi_power
 
 # `npu-smi info -t power -i 0 -c 0` as the Ascend driver prints it (fields padded to a colon column)
 NPU_SMI_POWER = """        NPU ID                         : 0

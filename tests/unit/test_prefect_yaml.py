@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from npuflow.flows.deploy import DEPLOYMENTS, HARDWARE_POOLS, NIGHTLY_CRON, POOL_BY_DEVICE, check_schedule
 
-from flows.deploy import DEPLOYMENTS, HARDWARE_POOLS, NIGHTLY_CRON, POOL_BY_DEVICE, check_schedule
-from npuflow.config import load_config, parse_config
-from npuflow.errors import ConfigError
+from npuflow.core.config import load_config, parse_config
+from npuflow.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

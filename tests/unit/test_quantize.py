@@ -12,9 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from npuflow.config import QuantizationConfig
-from npuflow.errors import NpuflowError
-from npuflow.quantize import dequantize_per_channel_int8, quantize_dir, quantize_per_channel_int8
+from npuflow.core.config import QuantizationConfig
+from npuflow.core.errors import NpuflowError
+from npuflow.quant.primitives import dequantize_per_channel_int8, quantize_per_channel_int8
+from npuflow.quant.streaming import quantize_dir
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 N_LINEAR = 2 * len(LINEARS)  # 2 decoder blocks

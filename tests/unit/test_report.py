@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from npuflow.artifacts import BenchmarkReport, Scenario
-from npuflow.plan import MODELS, kv_bytes_per_token
-from npuflow.report import (
+from npuflow.bench.plan import MODELS, kv_bytes_per_token
+from npuflow.bench.report import (
     REPORT_FILES,
     is_unstable,
     metric_deltas,
@@ -21,6 +20,8 @@ from npuflow.report import (
     roofline,
     scenario_metrics,
 )
+from npuflow.core.artifacts import BenchmarkReport, Scenario
+from npuflow.core.names import Alias
 
 RAPL_NOTE = ("not measured: RAPL counter /sys/class/powercap/intel-rapl:0/energy_uj is not readable "
              "on this machine")
@@ -250,10 +251,10 @@ def test_pipeline_run_logs_the_report_and_the_cli_rerenders_it(npuflow_home: Pat
     import subprocess
     import sys
 
-    from npuflow import registry
-    from npuflow.artifacts import Deployable, ValidationReport
-    from npuflow.config import parse_config
-    from npuflow.settings import Settings
+    from npuflow.core.artifacts import Deployable, ValidationReport
+    from npuflow.core.config import parse_config
+    from npuflow.core.settings import Settings
+    from npuflow.registry import client as registry
 
     cfg = parse_config({"name": "tiny-report", "source": {"uri": "file:///nowhere"}})
     dep = Deployable(uri="file:///d", key="d", name="tiny-report", quantized_manifest_sha256="1" * 64,
@@ -274,7 +275,7 @@ def test_pipeline_run_logs_the_report_and_the_cli_rerenders_it(npuflow_home: Pat
     assert "mbu_pct.bs1_in64" in logged
     c.create_registered_model(cfg.name)
     v1 = c.create_model_version(cfg.name, source=f"runs:/{first}/deployable", run_id=first)
-    c.set_registered_model_alias(cfg.name, registry.CHAMPION, v1.version)
+    c.set_registered_model_alias(cfg.name, Alias.CHAMPION, v1.version)
 
     slow = _report([_scenario(1, 64, 32, 1.2), _scenario(4, 64, 32, 1.2)])  # +20% TPOT on the primary
     second = registry.log_pipeline_run(c, exp, cfg, dep, val, slow)
@@ -282,7 +283,7 @@ def test_pipeline_run_logs_the_report_and_the_cli_rerenders_it(npuflow_home: Pat
     assert f"## Against the champion v{v1.version}" in md
     assert "Regression gate (TPOT p50 at most +5%): FAIL." in md
 
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "report", second, "--output",
+    proc = subprocess.run([sys.executable, "-m", "npuflow.cli", "report", second, "--output",
                            str(tmp_path / "again"), "--json"], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -292,6 +293,6 @@ def test_pipeline_run_logs_the_report_and_the_cli_rerenders_it(npuflow_home: Pat
     assert "tpot_ms_p50: 1.2 ms vs champion 1 ms (+20.0%" in out["regression_gate"]["reasons"][0]
     assert "| single bs4_in64_out32 |" in (tmp_path / "again" / "report.md").read_text()
 
-    missing = subprocess.run([sys.executable, "-m", "flows.cli", "report", "0" * 32], capture_output=True,
+    missing = subprocess.run([sys.executable, "-m", "npuflow.cli", "report", "0" * 32], capture_output=True,
                              text=True, timeout=300, cwd=tmp_path)
     assert missing.returncode == 1 and "no MLflow run" in missing.stderr

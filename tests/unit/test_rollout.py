@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from npuflow.config import PromotionConfig
-from npuflow.registry import ModelVersion
-from npuflow.rollout import decide_promotion
+from npuflow.core.config import PromotionConfig
+from npuflow.core.names import RolloutState, Tag
+from npuflow.registry.client import ModelVersion
+from npuflow.registry.promotion import decide_promotion
 
 TOL = PromotionConfig(ppl_regression_pct=1.0, top1_drop_max=0.01)
 TPOT_PCT = 25.0  # benchmark.tpot_regression_pct: the report's regression gate
@@ -144,6 +145,15 @@ def test_a_rolled_back_version_is_never_promoted_again() -> None:
     for champion in (CHAMPION, None):
         d = decide_promotion(rolled, dict(CHAMP_METRICS), champion, CHAMP_METRICS, TOL, TPOT_PCT)
         assert d.action == "keep_champion" and "was rolled back (canary errors)" in d.reasons[0]
+
+
+def test_the_reason_a_failed_rollout_recorded_is_the_one_promotion_quotes() -> None:
+    """The rollout writes Tag.ROLLOUT_REASON; promotion reads the same key (it once read another one)."""
+    rolled = ModelVersion(name="tiny-llama", version="4", aliases=[], run_id="run-4",
+                          tags={Tag.GATES: "passed", Tag.ROLLOUT: RolloutState.ROLLED_BACK,
+                                Tag.ROLLOUT_REASON: "canary 10%: error rate 12%"})
+    d = decide_promotion(rolled, dict(CHAMP_METRICS), CHAMPION, CHAMP_METRICS, TOL, TPOT_PCT)
+    assert "was rolled back (canary 10%: error rate 12%)" in d.reasons[0]
 
 
 def test_rollout_strategy_leaves_a_passing_candidate_for_the_staged_rollout() -> None:

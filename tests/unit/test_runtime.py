@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npuflow.backends import cpu, get_backend
-from npuflow.backends.common import linear_w8a16_reference
-from npuflow.config import QuantizationConfig
-from npuflow.errors import ConfigError, DeviceUnavailableError
-from npuflow.quantize import dequantize_per_channel_int8, quantize_dir, quantize_per_channel_int8
-from npuflow.runtime import QuantLinear, W8Embedding, load_quantized, load_reference
+from npuflow.core.config import QuantizationConfig
+from npuflow.core.errors import ConfigError, DeviceUnavailableError
+from npuflow.quant.primitives import dequantize_per_channel_int8, quantize_per_channel_int8
+from npuflow.quant.streaming import quantize_dir
+from npuflow.runtime.backends import cpu, get_backend
+from npuflow.runtime.backends.common import linear_w8a16_reference
+from npuflow.runtime.loader import QuantLinear, W8Embedding, load_quantized, load_reference
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +232,7 @@ def test_cpu_peak_memory_of_a_child_is_its_own(tmp_path: Path) -> None:
 
     ballast = torch.ones(512 * 2**20 // 4)  # the parent holds 512 MiB while the child runs
     ballast.sum()
-    code = "from npuflow.backends import cpu; print(cpu.peak_memory_mb())"
+    code = "from npuflow.runtime.backends import cpu; print(cpu.peak_memory_mb())"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < cpu.peak_memory_mb() - 256
     del ballast

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuflow.backends import cpu
-from npuflow.config import QuantizationConfig
-from npuflow.quantize import quantize_dir
-from npuflow.runtime import load_quantized, load_reference
+from npuflow.core.config import QuantizationConfig
+from npuflow.quant.streaming import quantize_dir
+from npuflow.runtime.backends import cpu
+from npuflow.runtime.loader import load_quantized, load_reference
 
 SCHEMES = {"w8a16": [None], "w4a16": [32, 64]}
 FORMATS = ("native", "msmodelslim", "compressed-tensors")

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from npuflow.config import GateConfig, QuantizationConfig, ValidationConfig
-from npuflow.quantize import SENSITIVITY, fused_group, quantize_model, quantize_with_fallback, rank_groups
+from npuflow.core.config import GateConfig, QuantizationConfig, ValidationConfig
+from npuflow.quant.fallback import quantize_with_fallback
+from npuflow.quant.model import quantize_model
+from npuflow.quant.sensitivity import SENSITIVITY, fused_group, rank_groups
 
 CAL = {"samples": 8, "seq_len": 64}
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from npuflow.errors import ConfigError, NpuflowError
-from npuflow.store import LocalStore, open_store
+from npuflow.core.errors import ConfigError, NpuflowError
+from npuflow.core.store import LocalStore, open_store
 
 
 @pytest.fixture(params=["path", "file-uri"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuflow.tinymodel import (
+from npuflow.demo.tinymodel import (
     TINY_CORPUS_SEED_EVAL,
     TINY_CORPUS_SEED_TRAIN,
     build_tiny_llama,

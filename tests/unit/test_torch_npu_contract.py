@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from npuflow.backends import npu_ops
+from npuflow.runtime.backends import npu_ops
 
 TORCH_NPU = "torch_npu==2.13.0"
 WHEEL_GLOB = "torch_npu-2.13.0-*.whl"
@@ -274,7 +274,7 @@ def project_calls() -> list[OpCall]:
 def test_project_torch_npu_calls_match_the_signatures(signatures):
     calls = project_calls()
     found = {(c.where.split(":")[0], c.op) for c in calls}
-    assert ("npuflow/backends/npu.py", "npu_weight_quant_batchmatmul") in found  # the walker sees the backend
+    assert ("npuflow/runtime/backends/npu.py", "npu_weight_quant_batchmatmul") in found  # the walker sees the backend
     assert ("npuflow/backends/npu_model.py", "npu_incre_flash_attention") in found  # ... and the model swap
     problems = [p for call in calls for p in call_problems(call, signatures)]
     assert not problems, "\n".join(problems)

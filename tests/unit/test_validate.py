@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuflow.config import GateConfig
-from npuflow.errors import ConfigError, NpuflowError
-from npuflow.validate import compare, evaluate_gates, load_eval_text, make_windows
+from npuflow.core.config import GateConfig
+from npuflow.core.errors import ConfigError, NpuflowError
+from npuflow.core.text import load_eval_text, make_windows
+from npuflow.eval.quality import compare, evaluate_gates
 
 GATES = GateConfig(ppl_delta_pct_max=1.0, top1_agreement_min=0.95, kl_divergence_max=0.05)
 GOOD = {"ppl_delta_pct": 0.2, "top1_agreement": 0.99, "kl_divergence": 0.001}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from npuflow.artifacts import GateResult, ValidationReport
-from npuflow.registry import ModelVersion, run_url, version_description
+from npuflow.core.artifacts import GateResult, ValidationReport
+from npuflow.registry.client import ModelVersion, run_url, version_description
 
 RUN = "0123456789abcdef0123456789abcdef"
 

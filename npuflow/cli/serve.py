@@ -1,0 +1,56 @@
+"""TODO."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Annotated
+
+import typer
+
+from npuflow.cli.common import ConfigArg, app
+from npuflow.core.errors import ConfigError
+
+
+@app.command()
+def serve(config: ConfigArg,
+          port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+          host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = "127.0.0.1",
+          challenger_weight: Annotated[float, typer.Option(
+              help="Share of traffic for the challenger (the `candidate` alias when it is not the champion), "
+                   "0-100; the champion gets the rest. Change it at run time: POST /admin/weights.")] = 0.0,
+          token: Annotated[str | None, typer.Option(
+              envvar="NPUFLOW_SERVE_TOKEN", show_envvar=True,
+              help="Bearer token required on /v1 and /admin (default: none).")] = None,
+          max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 256,
+          ) -> None:
+    """Serve the champion (and a challenger) from the registry: OpenAI /v1/completions, /health, /metrics."""
+    from npuflow.core.config import load_config
+
+    cfg = load_config(config)
+    if not 0 <= challenger_weight <= 100:
+        raise ConfigError(f"--challenger-weight must be 0..100 (% of traffic), got {challenger_weight:g}")
+    from npuflow.core.settings import Settings
+    from npuflow.serving.app import run_server
+    from npuflow.serving.options import ServeOptions
+    from npuflow.serving.pool import ModelPool
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a server's log, not a terminal
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        logging.getLogger("npuflow.serve").warning(
+            "binding %s without a token: anyone who can reach it may change weights and reload "
+            "(set NPUFLOW_SERVE_TOKEN)", host)
+    settings = Settings()
+    pool = ModelPool(ServeOptions(
+        name=cfg.name, tracking_uri=settings.resolved_tracking_uri, store_uri=settings.resolved_store_uri,
+        cache_dir=settings.cache_dir, champion_weight=100 - challenger_weight,
+        challenger_weight=challenger_weight,
+        token=token or None, max_tokens_limit=max_tokens,
+    ))
+    state = pool.reload()  # no champion, or one that fails to load: exit 1 before the socket opens
+    chal = state["challenger"]
+    logging.getLogger("npuflow.serve").info(
+        "serving %s: champion v%s%s on http://%s:%d", cfg.name, state["champion"]["version"],
+        f", challenger v{chal['version']} ({chal['status']}, weight {chal['weight']:g})" if chal else "",
+        host, port)
+    run_server(pool, host=host, port=port)

@@ -1,0 +1,372 @@
+"""Run configuration: frozen pydantic models validated once at the edge, and load_config(path)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from npuflow.core.errors import ConfigError
+
+SOURCE_SCHEMES = ("file://", "s3://", "hf://")
+TEXT_SCHEMES = ("file://", "s3://", "builtin:")
+Device = Literal["cpu", "cuda", "npu"]
+
+
+def _text_uri(v: str, what: str) -> str:
+    if not v.startswith(TEXT_SCHEMES):
+        raise ValueError(f"unknown {what} scheme in {v!r}; allowed: {', '.join(TEXT_SCHEMES)}")
+    return v
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceConfig(_Frozen):
+    """Where the published weights come from."""
+
+    uri: str  # file://PATH | s3://bucket/prefix | hf://org/name@revision
+    allow_pickle: bool = False  # accept *.bin / *.pt checkpoints (they can run code when loaded)
+    sha256: dict[str, str] = Field(default_factory=dict)  # pinned hashes: file name -> hex sha256
+    generate: Literal["tiny-llama"] | None = None  # build the demo model at a file:// uri if missing
+    token_env: str = "HF_TOKEN"  # environment variable holding the hub token (never the token itself)
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not v.startswith(SOURCE_SCHEMES):
+            raise ValueError(f"unknown source scheme in {v!r}; allowed: {', '.join(SOURCE_SCHEMES)}")
+        if v.startswith("hf://") and not re.fullmatch(r"hf://[\w.-]+/[\w.-]+(@[\w./-]+)?", v):
+            raise ValueError(f"{v!r} is not hf://ORG/NAME[@REVISION]")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, digest in v.items():
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"sha256 of {name!r} must be 64 lowercase hex characters")
+        return v
+
+    @model_validator(mode="after")
+    def _generate_needs_file(self) -> SourceConfig:
+        if self.generate and not self.uri.startswith("file://"):
+            raise ValueError("source.generate builds a local model: it needs a file:// uri")
+        return self
+
+
+class CalibrationConfig(_Frozen):
+    """Text that calibrated methods (GPTQ) run through the model to see real activations."""
+
+    text: str = "builtin:tiny-corpus-train"  # file://PATH | s3://bucket/key | builtin:tiny-corpus-train
+    samples: int = Field(32, ge=1)  # windows of seq_len tokens
+    seq_len: int = Field(128, ge=8)  # tokens per window
+
+    _text_scheme = field_validator("text")(lambda v: _text_uri(v, "calibration text"))
+
+
+class QuantizationConfig(_Frozen):
+    """Weight-only quantization of the linear layers."""
+
+    scheme: Literal["w8a16", "w4a16"] = "w8a16"  # w8a16: int8 symmetric per channel; w4a16: int4 asym per group
+    group_size: Literal[32, 64, 128] | None = None  # w4a16 only: input channels per scale (default 128)
+    method: Literal["rtn", "gptq"] = "rtn"  # round-to-nearest, or GPTQ (calibrated, arXiv:2210.17323)
+    calibration: CalibrationConfig = CalibrationConfig()  # used by method gptq and by fallback auto
+    ignore: tuple[str, ...] = ("model.embed_tokens", "lm_head")  # fnmatch patterns kept in float
+    sensitivity: bool = True  # write sensitivity.json: each quantized linear's output error on calibration data
+    fallback: Literal["none", "auto"] = "none"  # auto: keep the most sensitive layers float until gates pass
+    fallback_budget: int = Field(4, ge=0)  # at most this many extra float layers (a fused group counts once)
+    format: Literal["native", "msmodelslim", "compressed-tensors"] = "native"
+
+    @model_validator(mode="after")
+    def _pairs(self) -> QuantizationConfig:
+        if self.fallback == "auto" and not self.sensitivity:
+            raise ValueError("fallback auto ranks layers by sensitivity: it needs sensitivity: true")
+        if self.scheme == "w8a16" and self.group_size is not None:
+            raise ValueError("group_size applies to w4a16 only: w8a16 has one scale per output channel")
+        if self.format == "msmodelslim" and self.scheme != "w8a16":
+            raise ValueError(
+                "format msmodelslim: supported: w8a16 (vllm-ascend has no dense W4A16 method); "
+                "for w4a16 use format native or compressed-tensors"
+            )
+        # what each serving engine cannot take quantized: msmodelslim has no quantized embedding lookup,
+        # vLLM's compressed-tensors quantizes linear layers only (its lm_head is an embedding class)
+        must_float = {"msmodelslim": ("model.embed_tokens",),
+                      "compressed-tensors": ("model.embed_tokens", "lm_head")}.get(self.format, ())
+        import fnmatch
+
+        for module in must_float:
+            if not any(fnmatch.fnmatch(module, p) for p in self.ignore):
+                raise ValueError(f"format {self.format}: keep {module} in quantization.ignore (it must stay float)")
+        return self
+
+
+class OfflineConfig(_Frozen):
+    """The offline model written with the deployable: prefill ONNX (checked with onnxruntime) and ATC's .om."""
+
+    seq_len: int = Field(128, ge=1)  # static prompt length of the exported graph
+    batch_size: int = Field(1, ge=1)  # static batch of the exported graph
+    soc_version: str = "Ascend910B2"  # atc --soc_version
+
+
+class ConvertConfig(_Frozen):
+    """The runtime target."""
+
+    device: Device = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the backend's default
+    graph: bool = False  # graph mode (torch.compile / torchair); eager when false
+    offline: OfflineConfig | None = None  # also export the offline model (ONNX + atc) into the deployable
+
+
+class GateConfig(_Frozen):
+    """Quality gates against the unquantized reference; a failed gate stops the release."""
+
+    ppl_delta_pct_max: float = 1.0  # candidate perplexity at most this % above the reference
+    top1_agreement_min: float = Field(0.95, ge=0, le=1)  # fraction of positions whose argmax agrees
+    kl_divergence_max: float = Field(0.05, ge=0)  # mean KL(reference || candidate) per token, nats
+
+
+class ValidationConfig(_Frozen):
+    eval_text: str = "builtin:tiny-corpus"  # file://PATH | s3://bucket/key | builtin:tiny-corpus
+    seq_len: int = Field(128, ge=8)  # tokens per evaluation window
+    max_tokens: int = Field(8192, ge=64)  # evaluation tokens at most (the text is truncated)
+    batch_size: int = Field(8, ge=1)  # windows per forward pass
+    gates: GateConfig = GateConfig()
+
+    _text_scheme = field_validator("eval_text")(lambda v: _text_uri(v, "eval_text"))
+
+
+class ScenarioConfig(_Frozen):
+    """One benchmark scenario: how many sequences, how long the prompt, how many tokens out."""
+
+    batch_size: int = Field(1, ge=1)  # sequences decoded together
+    input_len: int = Field(128, ge=1)  # prompt tokens
+    output_len: int = Field(32, ge=2)  # generated tokens, fixed (no early stop)
+
+    @property
+    def name(self) -> str:
+        return f"bs{self.batch_size}_in{self.input_len}_out{self.output_len}"
+
+
+class ScenarioMatrix(_Frozen):
+    """Scenarios as a product: every batch size x every input length, one output length."""
+
+    batch_sizes: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 4, 16), min_length=1)
+    input_lens: tuple[Annotated[int, Field(ge=1)], ...] = Field((512,), min_length=1)
+    output_len: int = Field(128, ge=2)
+
+    def expand(self) -> tuple[ScenarioConfig, ...]:
+        return tuple(ScenarioConfig(batch_size=b, input_len=n, output_len=self.output_len)
+                     for n in self.input_lens for b in self.batch_sizes)
+
+
+class BenchmarkConfig(_Frozen):
+    """What to measure. Scenarios, first match wins: `scenarios` (a list), `matrix` (a product), the one
+    scenario of batch_size/input_len/output_len when any of them is set, else the default matrix:
+    batch 1, 4, 16 x input 512 x output 128 (the reference deployment analysis)."""
+
+    batch_size: int | None = Field(None, ge=1)  # sequences decoded together (one scenario; default 1)
+    input_len: int | None = Field(None, ge=1)  # prompt tokens (idem; default 128)
+    output_len: int | None = Field(None, ge=2)  # generated tokens, fixed, no early stop (idem; default 32)
+    scenarios: tuple[ScenarioConfig, ...] = ()  # measured in order; the first is the primary (unsuffixed)
+    matrix: ScenarioMatrix | None = None  # batch_sizes x input_lens x output_len, in that order
+    warmup: int = Field(2, ge=0)  # untimed runs first, per scenario
+    iterations: int = Field(5, ge=1)  # timed runs at least, per scenario
+    min_seconds: float = Field(0.0, ge=0)  # and keep running for at least this many seconds, per scenario
+    stability_stdev_pct_max: float = Field(5.0, gt=0)  # TPOT stdev above this % of its mean: `unstable`
+    tpot_regression_pct: float = Field(5.0, ge=0)  # regression gate: TPOT p50 at most this % above champion
+    mode: Literal["single", "tensor-parallel"] = "single"  # deployment mode the pipeline measures and reports
+    tp: int = Field(1, ge=1)  # ranks in tensor-parallel mode (torchrun processes, one device each)
+    device_spec: str | None = None  # npuflow.bench.devices key for the roofline peaks; None: from the device name
+
+    @model_validator(mode="after")
+    def _mode_and_tp(self) -> BenchmarkConfig:
+        if self.mode == "tensor-parallel" and self.tp < 2:
+            raise ValueError("mode tensor-parallel needs tp >= 2 (ranks)")
+        if self.mode == "single" and self.tp != 1:
+            raise ValueError("tp applies to mode tensor-parallel; use tp: 1 with mode single")
+        return self
+
+    @model_validator(mode="after")
+    def _one_way_to_say_scenarios(self) -> BenchmarkConfig:
+        given = [k for k, v in (("scenarios", self.scenarios), ("matrix", self.matrix)) if v]
+        single = [k for k in ("batch_size", "input_len", "output_len") if getattr(self, k) is not None]
+        if len(given) > 1 or (given and single):
+            raise ValueError(f"give scenarios one way: {', '.join(given + single)} were all set; use "
+                             "`scenarios` (a list), `matrix` (a product) or batch_size/input_len/output_len")
+        return self
+
+    @property
+    def resolved_scenarios(self) -> tuple[ScenarioConfig, ...]:
+        """The scenarios to measure, in order (see the class docstring)."""
+        if self.scenarios:
+            return self.scenarios
+        if self.matrix is not None:
+            return self.matrix.expand()
+        if (self.batch_size, self.input_len, self.output_len) != (None, None, None):
+            return (ScenarioConfig(batch_size=self.batch_size or 1, input_len=self.input_len or 128,
+                                   output_len=self.output_len or 32),)
+        return ScenarioMatrix().expand()
+
+
+class PromotionConfig(_Frozen):
+    """How much worse than the champion a candidate may be and still take over."""
+
+    ppl_regression_pct: float = Field(1.0, ge=0)  # ppl_candidate at most this % above the champion's
+    top1_drop_max: float = Field(0.01, ge=0)  # top1_agreement at most this much below the champion's
+    # speed: benchmark.tpot_regression_pct, the report's regression gate, which promotion applies too
+    # direct: a candidate that passes takes `champion` at once; rollout: it stays `candidate` and the
+    # release flow runs the staged rollout (rollout:) to move it (the first version is promoted directly)
+    strategy: Literal["direct", "rollout"] = "direct"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tpot_regression_pct" in data:
+            raise ValueError("tpot_regression_pct moved to benchmark.tpot_regression_pct: one TPOT tolerance "
+                             "for the report's regression gate and for promotion; delete it here")
+        return data
+
+
+class SloConfig(_Frozen):
+    """What a challenger must meet during a rollout stage (None: that limit is not checked)."""
+
+    error_rate_max: float = Field(0.01, ge=0, le=1)  # errors / requests on the challenger, fraction
+    ttft_ms_p95_max: float | None = Field(None, gt=0)  # absolute limit on the challenger's TTFT p95, ms
+    tpot_ms_p95_max: float | None = Field(None, gt=0)  # absolute limit on the challenger's TPOT p95, ms
+    ttft_regression_pct: float | None = Field(20.0, ge=0)  # TTFT p95 at most this % above the champion's
+    tpot_regression_pct: float | None = Field(20.0, ge=0)  # TPOT p95 at most this % above the champion's
+
+
+class StageConfig(_Frozen):
+    """One rollout stage: the challenger's traffic share, how long and how much to watch, its SLOs."""
+
+    name: Literal["shadow", "canary", "full"]  # shadow: mirrored requests, answers from the champion
+    weight: float = Field(0.0, ge=0, le=100)  # challenger's share of routed traffic, % (shadow: 0)
+    min_duration_s: float = Field(60.0, ge=0)  # watch at least this long, seconds
+    min_requests: int = Field(50, ge=1)  # challenger requests at least before a verdict
+    max_duration_s: float = Field(600.0, gt=0)  # load generator stops here at the latest, seconds
+    max_requests: int = Field(2000, ge=1)  # load generator sends at most this many requests
+    slo: SloConfig = SloConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StageConfig:
+        if self.name == "shadow" and self.weight != 0:
+            raise ValueError("a shadow stage routes no traffic to the challenger: weight must be 0")
+        if self.name == "full" and self.weight != 100:
+            raise ValueError("the full stage routes all traffic to the challenger: weight must be 100")
+        if self.max_duration_s < self.min_duration_s:
+            raise ValueError("max_duration_s must be >= min_duration_s")
+        return self
+
+
+class RolloutConfig(_Frozen):
+    """Progressive delivery of the candidate against the serving champion (npuflow rollout)."""
+
+    stages: tuple[StageConfig, ...] = (
+        StageConfig(name="shadow", weight=0),
+        StageConfig(name="canary", weight=10),
+        StageConfig(name="canary", weight=50),
+        StageConfig(name="full", weight=100),
+    )
+    max_tokens: int = Field(16, ge=1)  # completion tokens per load-generator request
+    concurrency: int = Field(2, ge=1)  # load-generator requests in flight at once
+    approval: bool = False  # pause for a human decision before the full stage
+    approval_timeout_s: int = Field(3600, gt=0)  # no decision within this many seconds: rejected
+    approval_poll_s: int = Field(10, ge=1)  # how often the paused flow checks for a decision, seconds
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: tuple[StageConfig, ...]) -> tuple[StageConfig, ...]:
+        if not v:
+            raise ValueError("a rollout needs at least one stage")
+        if any(s.name == "full" for s in v[:-1]):
+            raise ValueError("`full` can only be the last stage")
+        return v
+
+
+class RunConfig(_Frozen):
+    """One release of one model line."""
+
+    name: str  # registered model name in MLflow (one per model line)
+    source: SourceConfig
+    quantization: QuantizationConfig = QuantizationConfig()
+    convert: ConvertConfig = ConvertConfig()
+    validation: ValidationConfig = ValidationConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    rollout: RolloutConfig = RolloutConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError("name must be letters, digits, '.', '_' or '-' (it keys the registry and store)")
+        return v
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at `loc` (for 'unknown key' messages)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel] = RunConfig) -> str:
+    """One message that names every bad field and what is allowed there."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key; allowed here: {', '.join(_allowed_keys(model, e['loc']))}"
+        elif e["type"] == "missing":
+            msg = "required but missing"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, origin: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {origin}:\n{format_validation_error(err)}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config; raises ConfigError naming each bad field."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (pass the path of a YAML run config, e.g. configs/tiny-llama-cpu.yaml)")
+    try:
+        data = yaml.safe_load(p.read_bytes())  # bytes: a bad encoding is a YAMLError too
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p} is not valid YAML: {err}") from None
+    return parse_config(data, origin=str(p))
+
+
+def flatten(config: BaseModel) -> dict[str, str]:
+    """Dotted keys -> string values (MLflow params)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        if isinstance(value, dict) and not value and prefix:
+            out[prefix] = "{}"
+
+    walk("", config.model_dump(mode="json"))
+    return out

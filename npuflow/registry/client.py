@@ -1,0 +1,347 @@
+"""MLflow tracking and model registry: one run per pipeline run, one version per distinct artifact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+import npuflow
+from npuflow.bench.report import render, scenario_metrics
+from npuflow.core.artifacts import (
+    BenchmarkReport,
+    Deployable,
+    ModelArtifact,
+    QuantizedArtifact,
+    ValidationReport,
+)
+from npuflow.core.config import RunConfig, flatten
+from npuflow.core.errors import IntegrityError, NpuflowError
+from npuflow.core.names import Alias, Tag
+
+log = logging.getLogger("npuflow.registry")
+
+
+
+class ModelVersion(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    version: str
+    aliases: list[str]
+    tags: dict[str, str]
+    run_id: str | None
+    newly_registered: bool = False
+
+
+def client(tracking_uri: str):
+    """An MlflowClient for tracking and registry at tracking_uri (sqlite file or server)."""
+    import logging as _logging
+
+    from mlflow import MlflowClient
+
+    _logging.getLogger("alembic").setLevel(_logging.WARNING)
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def experiment_id(c, name: str, artifact_location: str | None) -> str:
+    exp = c.get_experiment_by_name(f"npuflow/{name}")
+    return exp.experiment_id if exp else c.create_experiment(f"npuflow/{name}", artifact_location=artifact_location)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(Path(npuflow.__file__).parent), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10,
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def log_pipeline_run(
+    c,
+    exp_id: str,
+    config: RunConfig,
+    deployable: Deployable,
+    validation: ValidationReport,
+    benchmark: BenchmarkReport | None,
+    flow_run_id: str | None = None,
+) -> str:
+    """The MLflow run of one pipeline run: config as params, DESIGN.md metrics, reports as artifacts."""
+    tags = {
+        "npuflow.git_sha": git_sha(),
+        "npuflow.version": npuflow.__version__,
+        "device": deployable.device,
+        "device_name": deployable.device_name,
+        **{f"version.{k}": v for k, v in deployable.versions.items()},
+    }
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = flow_run_id
+    run = c.create_run(exp_id, tags=tags, run_name=f"{config.name}-{deployable.manifest_sha256[:8]}")
+    rid = run.info.run_id
+    from mlflow.entities import Metric, Param
+
+    params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
+    metrics = dict(validation.metrics)
+    if benchmark is not None:
+        metrics |= benchmark.metrics
+        metrics |= scenario_metrics(benchmark)  # every scenario, suffixed: tpot_ms_p50.bs4_in512, ...
+    c.log_batch(rid, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()], params=params)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "validation.json").write_text(validation.model_dump_json(indent=2))
+        if benchmark is not None:
+            (d / "benchmark.json").write_text(benchmark.model_dump_json(indent=2))
+            champion = by_alias(c, config.name, Alias.CHAMPION)  # before this run's version exists
+            render(benchmark, d, champion=run_metrics(c, champion) if champion else None,
+                   champion_label=f"champion v{champion.version}" if champion else "champion",
+                   tpot_regression_pct=config.benchmark.tpot_regression_pct)  # report.md/.html + PNGs
+        (d / "config.json").write_text(config.model_dump_json(indent=2))
+        c.log_artifacts(rid, str(d), "reports")
+        dep = d / "deployable"
+        dep.mkdir()
+        (dep / "manifest.json").write_bytes(deployable.manifest_bytes())
+        (dep / "location.json").write_text(json.dumps({"uri": deployable.uri, "key": deployable.key}))
+        c.log_artifacts(rid, str(dep), "deployable")
+    c.set_terminated(rid)
+    return rid
+
+
+def render_run_report(c, run_id: str, out_dir: Path):
+    """Re-render a pipeline run's benchmark report from its MLflow artifacts, against the model line's
+    champion (or `previous`, when this run is the champion). Returns (files, regression gate or None)."""
+    from mlflow.exceptions import MlflowException
+
+    from npuflow.bench.report import regression_gate
+
+    try:
+        run = c.get_run(run_id)
+    except MlflowException as err:
+        raise NpuflowError(f"no MLflow run {run_id!r} at this tracking URI: {str(err)[:200]}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = Path(c.download_artifacts(run_id, "reports/benchmark.json", tmp))
+            report = BenchmarkReport.model_validate_json(path.read_text())
+        except (MlflowException, OSError, ValueError) as err:
+            raise NpuflowError(
+                f"run {run_id} has no readable benchmark report (reports/benchmark.json): {str(err)[:200]}; "
+                "runs whose gates failed are not benchmarked"
+            ) from None
+    name = run.data.params.get("name", "")
+    pct = float(run.data.params.get("benchmark.tpot_regression_pct", 5.0))
+    other, label = by_alias(c, name, Alias.CHAMPION), Alias.CHAMPION
+    if other is not None and other.run_id == run_id:
+        other, label = by_alias(c, name, Alias.PREVIOUS), Alias.PREVIOUS
+    theirs = run_metrics(c, other) if other else None
+    files = render(report, out_dir, champion=theirs, tpot_regression_pct=pct,
+                   champion_label=f"{label} v{other.version}" if other else label)
+    return files, regression_gate(dict(run.data.metrics), theirs, pct) if theirs else None
+
+
+def _to_model(v, newly: bool = False) -> ModelVersion:
+    return ModelVersion(
+        name=v.name, version=str(v.version), aliases=list(v.aliases or []), tags=dict(v.tags or {}),
+        run_id=v.run_id, newly_registered=newly,
+    )
+
+
+def find_by_artifact(c, name: str, artifact_sha256: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = c.search_model_versions(f"name='{name}' and tags.artifact_sha256='{artifact_sha256}'")
+    except MlflowException:
+        return None
+    return _to_model(min(found, key=lambda v: int(v.version))) if found else None
+
+
+def register(
+    c,
+    run_id: str,
+    model: ModelArtifact,
+    quantized: QuantizedArtifact,
+    deployable: Deployable,
+    validation: ValidationReport,
+    benchmark: BenchmarkReport | None = None,
+) -> ModelVersion:
+    """A model version for this deployable, unless the same artifact is registered already.
+
+    Tags follow DESIGN.md; the `candidate` alias moves to it only when its gates passed. The version's
+    description (what a reviewer reads before approving) summarises the gates, the benchmark against the
+    current champion and where the run's report is.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name, sha = deployable.name, deployable.manifest_sha256
+    existing = find_by_artifact(c, name, sha)
+    if existing is not None:
+        log.info("artifact %s… is already registered as %s version %s", sha[:12], name, existing.version)
+        return existing
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description=f"npuflow model line {name}")
+    gates = "passed" if validation.passed else "failed"
+    tags = {
+        "source_uri": model.source_uri,
+        "source_revision": model.source_revision or "",
+        "quant_scheme": quantized.scheme,
+        "format": quantized.format,
+        "device": deployable.device,
+        "artifact_sha256": sha,
+        "artifact_uri": deployable.uri,
+        "gates": gates,
+        "rollout": "registered",
+    }
+    champion = by_alias(c, name, Alias.CHAMPION)  # before this version exists: the one a reviewer compares with
+    run = c.get_run(run_id)
+    url = run_url(c.tracking_uri, run.info.experiment_id, run_id)
+    description = version_description(
+        validation, benchmark.metrics if benchmark else None, champion,
+        run_metrics(c, champion) if champion else None, run_id,
+        f"{run.info.artifact_uri}/reports/report.html" if benchmark else None, url,
+    )
+    v = c.create_model_version(name, source=f"runs:/{run_id}/deployable", run_id=run_id, tags=tags,
+                               description=description, run_link=url)
+    if validation.passed:
+        c.set_registered_model_alias(name, Alias.CANDIDATE, v.version)
+    log.info("registered %s version %s (gates %s)", name, v.version, gates)
+    return _to_model(c.get_model_version(name, v.version), newly=True)
+
+
+# ---- the version's description: what the reviewer approves -------------------------------------------
+
+# (metric, label with unit) of the benchmark table; DESIGN.md names, the primary scenario
+DESCRIPTION_METRICS = (
+    ("ttft_ms_p50", "TTFT p50 (ms)"),
+    ("tpot_ms_p50", "TPOT p50 (ms)"),
+    ("decode_tokens_per_s", "decode tokens/s"),
+    ("peak_memory_mb", "peak memory (MB)"),
+    ("model_size_mb", "model size (MB)"),
+)
+DESCRIPTION_MAX_CHARS = 5000  # MLflow's limit on a model version description
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI when tracking is a server (None for a local database)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _num(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def version_description(
+    validation: ValidationReport,
+    benchmark: dict[str, float] | None,
+    champion: ModelVersion | None,
+    champion_metrics: dict[str, float] | None,
+    run_id: str,
+    report_uri: str | None,
+    run_link: str | None = None,
+) -> str:
+    """Markdown for the model version's description: each gate (value vs limit, pass/fail), the benchmark
+    with deltas against the champion (or "no champion"), and where the report and the run are. Pure."""
+    from npuflow.bench.report import metric_deltas
+
+    verdict = "passed" if validation.passed else "FAILED"
+    lines = [f"**Validation gates {verdict}** on {validation.eval_tokens} evaluation tokens.", "",
+             "| gate | value | limit | result |", "|---|---|---|---|"]
+    for name, g in validation.gates.items():
+        lines.append(f"| {name} | {_num(g.value)} | {g.op} {_num(g.threshold)} | "
+                     f"{'pass' if g.passed else '**FAIL**'} |")
+    lines.append("")
+    if benchmark is None:
+        lines.append("**Benchmark:** not run (a version whose gates failed is not benchmarked).")
+    elif champion is None:
+        lines += ["**Benchmark** (no champion: nothing to compare with yet)", "",
+                  "| metric | this version |", "|---|---|"]
+        lines += [f"| {label} | {_num(benchmark[k])} |" for k, label in DESCRIPTION_METRICS if k in benchmark]
+    else:
+        theirs = champion_metrics or {}
+        deltas = {d.metric: d for d in metric_deltas(benchmark, theirs, [k for k, _ in DESCRIPTION_METRICS])}
+        lines += [f"**Benchmark against champion v{champion.version}**", "",
+                  f"| metric | this version | champion v{champion.version} | change |", "|---|---|---|---|"]
+        for k, label in DESCRIPTION_METRICS:
+            if k not in benchmark:
+                continue
+            d = deltas.get(k)
+            if d is None:
+                lines.append(f"| {label} | {_num(benchmark[k])} | n/a | not measured on the champion |")
+                continue
+            pct = "n/a" if d.delta_pct is None else f"{d.delta_pct:+.1f}%"
+            lines.append(f"| {label} | {_num(d.candidate)} | {_num(d.champion)} | {pct} ({d.verdict}) |")
+    lines += ["", f"- MLflow run: `{run_id}`" + (f" ({run_link})" if run_link else "")]
+    if report_uri:
+        lines.append(f"- Report: `runs:/{run_id}/reports/report.html` ({report_uri})")
+    text = "\n".join(lines)
+    return text if len(text) <= DESCRIPTION_MAX_CHARS else text[: DESCRIPTION_MAX_CHARS - 1] + "…"
+
+
+def by_alias(c, name: str, alias: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _to_model(c.get_model_version_by_alias(name, alias))
+    except MlflowException:
+        return None
+
+
+def run_metrics(c, version: ModelVersion) -> dict[str, float]:
+    return dict(c.get_run(version.run_id).data.metrics) if version.run_id else {}
+
+
+def aliases(c, name: str) -> dict[str, str]:
+    """alias -> version for the registered model (empty when it does not exist)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {k: str(v) for k, v in c.get_registered_model(name).aliases.items()}
+    except MlflowException:
+        return {}
+
+
+def set_aliases(c, name: str, wanted: dict[str, str | None]) -> None:
+    """Make each alias point at its version (None: remove it). Same call twice, same state."""
+    current = aliases(c, name)
+    for alias, version in wanted.items():
+        if version is None and alias in current:
+            c.delete_registered_model_alias(name, alias)
+        elif version is not None and current.get(alias) != version:
+            c.set_registered_model_alias(name, alias, version)
+
+
+def tag_version(c, version: ModelVersion, tags: dict[str, str]) -> None:
+    for k, v in tags.items():
+        c.set_model_version_tag(version.name, version.version, k, v)
+
+
+def deployable_of(c, version: ModelVersion) -> tuple[Deployable, dict[str, str]]:
+    """The version's Deployable from its MLflow run, checked against the version's artifact_sha256 tag."""
+    where = f"{version.name} version {version.version}"
+    sha = version.tags.get(Tag.ARTIFACT_SHA256)
+    if not version.run_id or not sha:
+        raise NpuflowError(f"{where} has no MLflow run or artifact_sha256 tag: not registered by npuflow")
+    with tempfile.TemporaryDirectory(prefix="npuflow-registry-") as tmp:
+        try:
+            local = Path(c.download_artifacts(version.run_id, "deployable", tmp))
+            raw = (local / "manifest.json").read_bytes()
+            location = json.loads((local / "location.json").read_text())
+        except Exception as err:  # MlflowException, OSError, ValueError: one message either way
+            raise NpuflowError(f"{where}: cannot read deployable/ from run {version.run_id}: {err}") from None
+    if hashlib.sha256(raw).hexdigest() != sha:
+        raise IntegrityError(
+            f"{where}: deployable/manifest.json of run {version.run_id} does not match the version's "
+            f"artifact_sha256 {sha[:12]}…; the registry entry or the run's artifacts were modified"
+        )
+    return Deployable.model_validate({**json.loads(raw), "uri": location["uri"]}), location

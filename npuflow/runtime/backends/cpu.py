@@ -1,0 +1,153 @@
+"""CPU backend: aten int8 weight-only matmul for decode (dequantized for prefill), aten int4 packed matmul."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from npuflow.runtime.backends.common import (
+    library_versions,
+    linear_w4a16_reference,
+    linear_w8a16_reference,
+    prepare_with_inductor,
+)
+
+NAME = "cpu"
+RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")  # package energy counter, microjoules
+
+
+def unavailable() -> str | None:
+    return None
+
+
+def device() -> torch.device:
+    return torch.device("cpu")
+
+
+def device_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 where the CPU computes it natively (AVX512-BF16 or AMX: oneDNN says so), else float32:
+    emulated bf16 is slower than float32, and the int8 decode kernel wants bf16 activations."""
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Decode-sized inputs (<= 4 rows) in bf16 use aten's int8 kernel; everything else dequantizes."""
+    rows = x.numel() // x.shape[-1]
+    if x.dtype == torch.bfloat16 and rows <= 4:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), qweight, scale.to(x.dtype))
+        return y.reshape(*x.shape[:-1], qweight.shape[0])
+    return linear_w8a16_reference(x, qweight, scale)
+
+
+linear_w4a16 = linear_w4a16_reference  # float32 activations; bf16 models get Int4PackedLinear (prepare)
+
+
+class Int4PackedLinear(torch.nn.Module):
+    """4-bit weights in aten's CPU int4 layout (two per byte, half the bytes of the loaded uint8 values),
+    bf16 activations, `aten._weight_int4pack_mm_for_cpu` for every row count (prefill and decode).
+
+    The kernel computes w = (q - 8) * scale + zero_f per group; npuflow stores w = (q - zero) * scale,
+    so zero_f = (8 - zero) * scale.
+    """
+
+    def __init__(self, q: torch.nn.Module):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = q.in_features, q.out_features, q.group_size
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.qweight.to(torch.int32), 1)
+        self.register_buffer("packed", packed)  # (out, in // 2) uint8
+        s, z = q.scale.float(), q.zero.float()  # (out, groups)
+        self.register_buffer("scales_zeros", torch.stack([s.T, ((8 - z) * s).T], dim=-1).contiguous()
+                             .to(torch.bfloat16))  # (groups, out, 2)
+        self.bias = None if q.bias is None else torch.nn.Parameter(q.bias.detach().to(torch.bfloat16),
+                                                                   requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) bf16 -> (..., out)
+        rows = x.numel() // self.in_features
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, self.in_features), self.packed,
+                                                        self.group_size, self.scales_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+def int4_packable(module: torch.nn.Module) -> bool:
+    from npuflow.runtime.loader import QuantLinear
+
+    return (isinstance(module, QuantLinear) and module.bits == 4 and module.group_size in (32, 64, 128, 256)
+            and module.out_features % 16 == 0 and module.in_features % 2 == 0)
+
+
+def prepare(model: torch.nn.Module, graph: bool = False) -> torch.nn.Module:
+    """bf16 models: 4-bit linears move to the packed int4 kernel; then HF modules as they are (SDPA
+    attention), graph mode compiled with inductor."""
+    if model.dtype == torch.bfloat16:
+        for name, module in list(model.named_modules()):
+            if int4_packable(module):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, Int4PackedLinear(module))
+    return prepare_with_inductor(model, graph)
+
+
+def kernels(dtype: torch.dtype) -> dict[str, str]:
+    if dtype == torch.bfloat16:
+        return {"linear_w8a16": "aten._weight_int8pack_mm (decode) / dequantized F.linear (prefill)",
+                "linear_w4a16": "aten._weight_int4pack_mm_for_cpu", "attention": "sdpa"}
+    return {"linear_w8a16": "dequantized F.linear", "linear_w4a16": "dequantized F.linear", "attention": "sdpa"}
+
+
+def synchronize() -> None:
+    pass
+
+
+def now_ms() -> float:
+    return time.perf_counter() * 1e3
+
+
+def reset_peak_memory() -> None:
+    """Start the peak over from the current resident set (Linux: "5" to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then covers the whole process lifetime
+
+
+def peak_memory_mb() -> float:
+    """Peak resident set size of this process since start or the last reset (the whole serving process on
+    a CPU). VmHWM, not getrusage's ru_maxrss: that one survives fork + exec, so a child started by a big
+    parent would report the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def energy_joules() -> float | None:
+    try:
+        return int(RAPL.read_text()) / 1e6
+    except (OSError, ValueError):
+        return None
+
+
+def energy_unavailable() -> str:
+    return f"not measured: RAPL counter {RAPL} is not readable on this machine"
+
+
+def versions() -> dict[str, str]:
+    return library_versions()

@@ -1,0 +1,130 @@
+"""Model runtime: load a quantized artifact onto a device with the backend's kernels, and the float reference."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from npuflow.core.errors import NpuflowError
+
+log = logging.getLogger("npuflow.runtime")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with integer weights, computed by the device's weight-only kernel.
+
+    8-bit: y = x @ (qweight * scale[:, None]).T;  4-bit: y = x @ ((qweight - zero) * scale).T per group.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int | None,
+                 backend: ModuleType):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.backend = backend
+        groups = in_features // group_size if group_size else None
+        qdtype = torch.int8 if bits == 8 else torch.uint8
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=qdtype, device="meta"))
+        self.register_buffer("scale", torch.empty((out_features, groups) if groups else out_features, device="meta"))
+        self.register_buffer("zero", torch.empty(out_features, groups, device="meta") if bits == 4 else None)
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out)
+        if self.bits == 8:
+            y = self.backend.linear_w8a16(x, self.qweight, self.scale)
+        else:
+            y = self.backend.linear_w4a16(x, self.qweight, self.scale, self.zero, self.group_size)
+        return y + self.bias if self.bias is not None else y
+
+
+class W8Embedding(nn.Module):
+    """Embedding rows stored int8 with one scale per row (per output channel of the table)."""
+
+    def __init__(self, num_embeddings: int, dim: int, padding_idx: int | None):
+        super().__init__()
+        self.padding_idx = padding_idx
+        self.register_buffer("weight", torch.empty(num_embeddings, dim, dtype=torch.int8, device="meta"))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, device="meta"))  # (vocab,)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids (B, T) -> (B, T, dim)
+        rows = nn.functional.embedding(ids, self.weight)
+        return rows.to(self.weight_scale.dtype) * self.weight_scale[ids].unsqueeze(-1)
+
+
+def resolve_dtype(name: str, backend: ModuleType) -> torch.dtype:
+    return backend.default_dtype() if name == "auto" else DTYPES[name]
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _rebuild_meta_buffers(model: nn.Module, config, device: torch.device) -> None:
+    """Non-persistent buffers (rotary inv_freq) are not in the checkpoint: build them for real."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            with torch.device(device):
+                _set_module(model, name, type(module)(config=config))
+
+
+def load_quantized(model_dir: Path, backend: ModuleType, dtype: torch.dtype, graph: bool = False) -> nn.Module:
+    """The quantized model on the backend's device: no float copy of the integer weights is built."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from npuflow.formats import QuantizedWeight, read_quantized
+
+    qm = json.loads((model_dir / "quant_manifest.json").read_text())
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    dev = backend.device()
+    sd: dict[str, torch.Tensor] = {}
+    for name, t in read_quantized(model_dir, qm["format"]).items():
+        if not isinstance(t, QuantizedWeight):
+            sd[name] = t.to(dev, dtype) if t.is_floating_point() else t.to(dev)
+            continue
+        path, prefix = name.removesuffix(".weight"), name.removesuffix("weight")
+        old = model.get_submodule(path)
+        if isinstance(old, nn.Embedding):
+            if t.bits != 8:
+                raise NpuflowError(f"{path}: only 8-bit embeddings are supported; keep it in float (ignore)")
+            _set_module(model, path, W8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx))
+            sd[name], sd[prefix + "weight_scale"] = t.qweight.to(dev), t.scale.to(dev, dtype)
+            continue
+        _set_module(model, path, QuantLinear(old.in_features, old.out_features, old.bias is not None, t.bits,
+                                             t.group_size, backend))
+        sd[prefix + "qweight"], sd[prefix + "scale"] = t.qweight.to(dev), t.scale.to(dev, dtype)
+        if t.zero is not None:
+            sd[prefix + "zero"] = t.zero.to(dev, dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise NpuflowError(
+            f"{model_dir} does not match its config.json: missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    if tied:
+        model.tie_weights()
+    _rebuild_meta_buffers(model, config, dev)
+    model.eval()
+    return backend.prepare(model, graph=graph)
+
+
+def load_reference(model_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The unquantized model as published (the quality reference)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

@@ -1,0 +1,183 @@
+"""Tensor parallelism for the quantized runtime: Megatron-style sharding, its torchrun worker and launcher.
+
+Each rank holds 1/N of every decoder linear. q/k/v/gate/up are column-parallel (each rank computes
+1/N of the output features: whole attention heads, whole kv heads, 1/N of the MLP's hidden units);
+o/down are row-parallel (each rank multiplies its 1/N of the input features and an all_reduce sums
+the partial outputs). Embeddings, norms and lm_head are replicated. Two all-reduces per layer.
+
+transformers 5.x LlamaAttention reshapes q/k/v with `-1` heads and keeps `num_key_value_groups =
+heads / kv_heads`, which is the same on every rank when both head counts split evenly: no per-rank
+attribute needs changing.
+
+Run it with `npuflow benchmark MODEL_DIR --mode tensor-parallel --tp N` (which calls `launch`), or
+directly:
+  torchrun --standalone --nproc-per-node N -m npuflow.bench.parallel MODEL_DIR cpu float32 CONFIG_JSON OUT
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from npuflow.core.config import BenchmarkConfig
+from npuflow.core.errors import ConfigError, NpuflowError
+
+DIST_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}  # device -> torch.distributed backend
+COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+ROW = ("self_attn.o_proj", "mlp.down_proj")
+
+
+class RowParallel(nn.Module):
+    """A linear whose input features are split over the ranks: partial products summed by all_reduce.
+
+    The bias is added once, after the sum (on every rank, so every rank holds the full output).
+    """
+
+    def __init__(self, inner: nn.Module, bias: torch.Tensor | None, group=None):
+        super().__init__()
+        self.inner, self.group = inner, group
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in / N) -> (..., out)
+        y = self.inner(x)
+        dist.all_reduce(y, group=self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+def _part(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous 1/world slice of t along dim (a copy: the full tensor can be freed)."""
+    if t.shape[dim] % world:
+        raise NpuflowError(f"cannot split a dimension of {t.shape[dim]} over {world} ranks")
+    n = t.shape[dim] // world
+    return t.narrow(dim, rank * n, n).clone()
+
+
+def shard_column(linear: nn.Module, rank: int, world: int) -> nn.Module:
+    """Keep this rank's output rows: qweight, scale, zero (QuantLinear) or weight (nn.Linear), and bias."""
+    from npuflow.runtime.loader import QuantLinear
+
+    if isinstance(linear, QuantLinear):
+        linear.qweight = _part(linear.qweight, 0, rank, world)  # (out/N, in)
+        linear.scale = _part(linear.scale, 0, rank, world)  # (out/N,) or (out/N, groups)
+        if linear.zero is not None:
+            linear.zero = _part(linear.zero, 0, rank, world)  # (out/N, groups)
+        linear.out_features //= world
+    elif isinstance(linear, nn.Linear):
+        linear.weight = nn.Parameter(_part(linear.weight.data, 0, rank, world), requires_grad=False)
+        linear.out_features //= world
+    else:
+        raise NpuflowError(f"cannot shard a {type(linear).__name__}; valid: QuantLinear, nn.Linear")
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(_part(linear.bias.data, 0, rank, world), requires_grad=False)
+    return linear
+
+
+def shard_row(linear: nn.Module, rank: int, world: int, group=None) -> RowParallel:
+    """Keep this rank's input columns; 4-bit: whole groups (scale and zero split along groups)."""
+    from npuflow.runtime.loader import QuantLinear
+
+    bias = linear.bias.data if linear.bias is not None else None
+    linear.bias = None
+    if isinstance(linear, QuantLinear):
+        if linear.group_size and (linear.in_features // world) % linear.group_size:
+            raise NpuflowError(
+                f"{linear.in_features} input features over {world} ranks do not split into whole groups of "
+                f"{linear.group_size}; use fewer ranks or a smaller group_size"
+            )
+        linear.qweight = _part(linear.qweight, 1, rank, world)  # (out, in/N)
+        if linear.group_size:  # per-channel 8-bit scales (out,) apply to every column: unchanged
+            linear.scale = _part(linear.scale, 1, rank, world)  # (out, groups/N)
+            if linear.zero is not None:
+                linear.zero = _part(linear.zero, 1, rank, world)
+        linear.in_features //= world
+    elif isinstance(linear, nn.Linear):
+        linear.weight = nn.Parameter(_part(linear.weight.data, 1, rank, world), requires_grad=False)
+        linear.in_features //= world
+    else:
+        raise NpuflowError(f"cannot shard a {type(linear).__name__}; valid: QuantLinear, nn.Linear")
+    return RowParallel(linear, bias, group)
+
+
+def shard_llama(model: nn.Module, rank: int, world: int, group=None) -> nn.Module:
+    """Shard a loaded Llama in place for `rank` of `world`; checks that heads and MLP split evenly."""
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    ffn = cfg.intermediate_size
+    for what, n in (("attention heads", heads), ("kv heads", kv_heads), ("intermediate_size", ffn)):
+        if n % world:
+            raise NpuflowError(f"{what} = {n} do not split over {world} ranks; choose tp dividing {n}")
+    for layer in model.model.layers:
+        for path in COLUMN:
+            parent, _, child = path.rpartition(".")
+            shard_column(getattr(layer.get_submodule(parent), child), rank, world)
+        for path in ROW:
+            parent, _, child = path.rpartition(".")
+            module = layer.get_submodule(parent)
+            setattr(module, child, shard_row(getattr(module, child), rank, world, group))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def check_shardable(model_dir: Path, ranks: int) -> None:
+    """Fail before starting any rank when the model does not split evenly over `ranks`."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    kv_heads, ffn = cfg.get("num_key_value_heads") or heads, cfg["intermediate_size"]
+    for what, n in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
+                    ("intermediate_size", ffn)):
+        if n % ranks:
+            raise ConfigError(f"{what} = {n} does not split over {ranks} ranks; choose a tp that divides it")
+    qm = model_dir / "quant_manifest.json"
+    group = json.loads(qm.read_text()).get("group_size") if qm.is_file() else None
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    for name, n in (("o_proj", heads * head_dim), ("down_proj", ffn)):
+        if group and (n // ranks) % group:
+            raise ConfigError(
+                f"{name}'s {n} input features over {ranks} ranks ({n // ranks} each) do not split into whole "
+                f"int4 groups of {group}; use a tp or group_size that does"
+            )
+
+
+def _first_error(stderr: str) -> str:
+    """The first exception line a rank printed (torchrun's own report follows it)."""
+    found = re.search(r"^(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception)\b:.*)$", stderr, re.M)
+    return found.group(1) if found else stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
+
+
+def launch(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig, ranks: int,
+           timeout_s: float | None = None) -> dict:
+    """Run the tensor-parallel benchmark on `ranks` processes (torchrun, one device each); rank 0's result."""
+    import npuflow
+
+    check_shardable(model_dir, ranks)
+    env = dict(os.environ)
+    root = str(Path(npuflow.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    if device == "cpu":  # the ranks share the cores
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+    with tempfile.TemporaryDirectory(prefix="npuflow-tp-") as tmp:
+        out = Path(tmp) / "rank0.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               "-m", "npuflow.bench.parallel", str(model_dir), device, dtype, cfg.model_dump_json(), str(out)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise NpuflowError(f"the tensor-parallel benchmark ({ranks} ranks) ran past {timeout_s} s"
+                               ) from None
+        if proc.returncode != 0 or not out.is_file():
+            raise NpuflowError(
+                f"the tensor-parallel benchmark ({ranks} ranks, {DIST_BACKENDS[device]}) failed "
+                f"(exit {proc.returncode}): {_first_error(proc.stderr)}\n{proc.stderr[-3000:]}"
+            )
+        return json.loads(out.read_text())

@@ -1,0 +1,172 @@
+"""TODO."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from npuflow.core.errors import NpuflowError
+from npuflow.core.names import Alias, Role, Tag
+from npuflow.registry import client as registry
+from npuflow.serving.loading import LoadedModel, load_version
+from npuflow.serving.options import ServeOptions
+from npuflow.serving.protocol import ApiError
+
+log = logging.getLogger("npuflow.serve")
+
+
+@dataclass
+class _Slot:
+    alias: str
+    model: LoadedModel | None = None
+    version: str | None = None  # the version the alias pointed at when last resolved
+    reason: str | None = None  # why it is not serving (out of rotation), or None
+    since: str | None = None  # when it was taken out, UTC ISO
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class ModelPool:
+    """The champion and at most one challenger, with routing weights; thread-safe."""
+
+    def __init__(self, opts: ServeOptions):
+        self.opts = opts
+        self._lock = threading.Lock()  # guards slots, weights and in-flight counts
+        self._reload_lock = threading.Lock()  # one reload at a time
+        self._rng = random.Random(opts.seed)
+        self.champion = _Slot(Alias.CHAMPION)
+        self.challenger = _Slot(opts.challenger_alias)
+        self.weights: dict[str, float] = {Role.CHAMPION: opts.champion_weight,
+                                          Role.CHALLENGER: opts.challenger_weight}
+        self.events: list[dict[str, str]] = []  # last reloads and rotation changes, newest last
+        self.on_change: Callable[[], None] = lambda: None  # called after the served set or weights change
+
+    def _event(self, what: str, **kw: str) -> None:
+        self.events = [*self.events[-19:], {"at": _now(), "event": what, **kw}]
+        log.info("%s %s", what, kw)
+
+    def reload(self) -> dict[str, Any]:
+        """Resolve the aliases and load what changed; the champion serves until its successor is ready.
+
+        Raises NpuflowError only when there is no champion to serve at all.
+        """
+        with self._reload_lock:
+            c = registry.client(self.opts.tracking_uri)
+            name = self.opts.name
+            loaded = {s.model.label: s.model for s in (self.champion, self.challenger) if s.model is not None}
+            errors: list[str] = []
+            champ_v = registry.by_alias(c, name, Alias.CHAMPION)
+            if champ_v is None:
+                if self.champion.model is None:
+                    raise NpuflowError(f"{name} has no `champion` alias in {self.opts.tracking_uri}: "
+                                       "nothing to serve; run the release flow (`npuflow run CONFIG`) first")
+                errors.append(f"the champion alias is gone; version {self.champion.model.label} serves on")
+            elif self.champion.model is None or self.champion.model.label != champ_v.version:
+                try:
+                    new = loaded.get(champ_v.version) or load_version(c, champ_v, self.opts)
+                except Exception as err:
+                    msg = f"champion version {champ_v.version} failed to load: {err}"
+                    if self.champion.model is None:
+                        raise NpuflowError(msg) from None
+                    errors.append(f"{msg}; version {self.champion.model.label} keeps serving")
+                    self.champion.reason = msg
+                else:
+                    with self._lock:
+                        self.champion = _Slot(Alias.CHAMPION, new, champ_v.version)
+                    self._event("champion", version=champ_v.version)
+            champion_label = self.champion.model.label  # type: ignore[union-attr]
+            chal_v = registry.by_alias(c, name, self.opts.challenger_alias)
+            if chal_v is None or chal_v.version == champion_label:
+                if self.challenger.version is not None:
+                    self._event("challenger removed", version=self.challenger.version)
+                with self._lock:
+                    self.challenger = _Slot(self.opts.challenger_alias)
+            elif self.challenger.model is None or self.challenger.model.label != chal_v.version:
+                try:
+                    new = loaded.get(chal_v.version) or load_version(c, chal_v, self.opts)
+                except Exception as err:
+                    self.take_out(None, f"failed to load: {err}", version=chal_v.version)
+                    errors.append(f"challenger version {chal_v.version} failed to load: {err}")
+                else:
+                    with self._lock:
+                        self.challenger = _Slot(self.opts.challenger_alias, new, chal_v.version)
+                    self._event("challenger", version=chal_v.version)
+            self.on_change()
+            return {**self.health(), "errors": errors}
+
+    def take_out(self, lm: LoadedModel | None, reason: str, version: str | None = None) -> None:
+        """Take the challenger out of rotation (weight 0) with the reason; the champion keeps serving."""
+        with self._lock:
+            if lm is not None and self.challenger.model is not lm:
+                return  # already replaced or taken out
+            version = version or (lm.label if lm else None)
+            self.challenger = _Slot(self.opts.challenger_alias, None, version, reason, _now())
+        self._event("challenger out of rotation", version=version or "?", reason=reason)
+        self.on_change()
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        with self._lock:
+            self.weights = {**self.weights, **weights}
+        self._event("weights", **{k: f"{v:g}" for k, v in self.weights.items()})
+        self.on_change()
+
+    def effective_weights(self) -> dict[str, float]:
+        """Weights as routed: 0 for a challenger that is absent or out of rotation."""
+        return {Role.CHAMPION: self.weights[Role.CHAMPION],
+                Role.CHALLENGER: self.weights[Role.CHALLENGER] if self.challenger.model is not None else 0.0}
+
+    def acquire(self, pin: Role | None = None) -> tuple[Role, LoadedModel]:
+        """Pick a version for one request (weighted unless pinned) and count it in flight; release() after."""
+        with self._lock:
+            w = self.effective_weights()
+            if pin is not None:
+                role = pin
+            elif w[Role.CHALLENGER] <= 0 or (w[Role.CHAMPION] > 0 and
+                                             self._rng.random() * (w[Role.CHAMPION] + w[Role.CHALLENGER])
+                                             < w[Role.CHAMPION]):
+                role = Role.CHAMPION
+            else:
+                role = Role.CHALLENGER
+            slot = self.champion if role == Role.CHAMPION else self.challenger
+            if slot.model is None:
+                raise ApiError(503, f"no {role} is in rotation" + (f": {slot.reason}" if slot.reason else ""),
+                               "service_unavailable")
+            if slot.model.in_flight >= self.opts.max_in_flight:
+                raise ApiError(503, f"version {slot.model.label} has {slot.model.in_flight} requests in "
+                               "flight; retry later", "overloaded")
+            slot.model.in_flight += 1
+            return role, slot.model
+
+    def release(self, lm: LoadedModel) -> None:
+        with self._lock:
+            lm.in_flight -= 1
+
+    def served(self) -> list[tuple[Role, LoadedModel]]:
+        return [(r, s.model) for r, s in ((Role.CHAMPION, self.champion), (Role.CHALLENGER, self.challenger))
+                if s.model is not None]
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            eff = self.effective_weights()
+
+            def slot(role: Role, s: _Slot) -> dict[str, Any] | None:
+                if s.model is None and s.version is None:
+                    return None
+                m = s.model
+                return {"alias": s.alias, "version": m.label if m else s.version,
+                        "status": "serving" if m else "out_of_rotation", "weight": eff[role],
+                        "requested_weight": self.weights[role], "reason": s.reason, "since": s.since,
+                        "artifact_sha256": m.version.tags.get(Tag.ARTIFACT_SHA256) if m else None,
+                        "device": m.deployable.device if m else None, "in_flight": m.in_flight if m else 0}
+
+            champ, chal = slot(Role.CHAMPION, self.champion), slot(Role.CHALLENGER, self.challenger)
+        degraded = self.champion.reason is not None or (chal is not None and chal["status"] != "serving")
+        return {"status": "degraded" if degraded else "ok", "model": self.opts.name, "champion": champ,
+                "challenger": chal, "weights": eff, "events": list(self.events)}

@@ -1,1 +1,1 @@
-"""bench"""
+"""Benchmarking: measurement, the stage, reports, roofline, capacity plan and device figures."""

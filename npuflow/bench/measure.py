@@ -1,4 +1,8 @@
-"""TODO."""
+"""Benchmark measurement in this process: the scenarios on a loaded model, timed through the engine.
+
+`python -m npuflow.bench.measure MODEL_DIR DEVICE DTYPE CONFIG_JSON [--graph]` is the child process the
+benchmark stage runs (so peak memory is the serving process's own).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,9 @@ from npuflow.bench.report import is_unstable
 from npuflow.core.artifacts import Scenario
 from npuflow.core.config import BenchmarkConfig, ScenarioConfig
 from npuflow.core.errors import NpuflowError
-from npuflow.core.names import runtime_label
+from npuflow.core.names import Runtime, runtime_label
 from npuflow.runtime.backends import get_backend
-from npuflow.runtime.engine import Engine
+from npuflow.runtime.engine import CacheKind, Engine
 from npuflow.runtime.loader import DTYPES, load_quantized
 
 log = logging.getLogger("npuflow.benchmark")
@@ -32,72 +36,36 @@ def summarize(values: list[float]) -> dict[str, float]:
     return {"p50": q[0], "p90": q[1], "p99": q[2], "mean": mean, "stdev_pct": 100.0 * std / mean if mean else 0.0}
 
 
-@torch.inference_mode()
-def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy continuation (B, new_tokens) with HF's loop (DynamicCache)."""
-    out = model(prompt, use_cache=True)
-    tokens = [out.logits[:, -1:].argmax(-1)]
-    for _ in range(new_tokens - 1):
-        out = model(tokens[-1], cache=out.cache, use_cache=True)
-        tokens.append(out.logits[:, -1:].argmax(-1))
-    return torch.cat(tokens, dim=1)
-
-
-class HFLoop:
-    """Generation as plain transformers does it: forward with a DynamicCache that grows every step."""
-
-    name = "hf"
-
-    def __init__(self, model, backend):
-        self.model, self.backend = model, backend
-
-    @torch.inference_mode()
-    def __call__(self, prompt: torch.Tensor, output_len: int) -> tuple[float, list[float], float, torch.Tensor]:
-        """prompt (B, T) -> (ttft_ms, per-step decode ms, end-to-end ms, tokens (B, output_len))."""
-        now = self.backend.now_ms
-        t0 = now()
-        out = self.model(prompt, use_cache=True)  # prefill: logits (B, T_in, V) and the KV cache
-        token = out.logits[:, -1:].argmax(-1)  # (B, 1)
-        t1 = now()
-        steps, tokens, cache = [], [token], out.cache
-        for _ in range(output_len - 1):
-            s = now()
-            out = self.model(token, cache=cache, use_cache=True)
-            cache = out.cache
-            token = out.logits[:, -1:].argmax(-1)
-            steps.append(now() - s)
-            tokens.append(token)
-        return t1 - t0, steps, now() - t0, torch.cat(tokens, dim=1)
-
-
 class EngineLoop:
-    """The npuflow runtime's generation: a static KV cache and, in graph mode, a compiled decode step
-    (npuflow.runtime.engine). One engine per (batch, cache length), so each shape compiles once."""
+    """Timed generation through the runtime's engine (npuflow.runtime.engine): prefill (TTFT) and each
+    decode step timed apart by the backend's clock. One engine per (batch, cache length), so each shape
+    compiles once in graph mode. `cache="dynamic"` is the hf-eager baseline (HF's DynamicCache)."""
 
-    name = "engine"
-
-    def __init__(self, model, backend, compile: bool):
-        self.model, self.backend, self.compile = model, backend, compile
+    def __init__(self, model, backend, compile: bool = False, cache: CacheKind = "static"):
+        self.model, self.backend, self.compile, self.cache = model, backend, compile, cache
+        self.name = "engine" if cache == "static" else "hf"
         self.engines: dict[tuple[int, int], Engine] = {}
         self.first_run_s: dict[tuple[int, int], float] = {}  # includes compilation in graph mode
 
     @torch.inference_mode()
     def __call__(self, prompt: torch.Tensor, output_len: int) -> tuple[float, list[float], float, torch.Tensor]:
+        """prompt (B, T) -> (ttft_ms, per-step decode ms, end-to-end ms, tokens (B, output_len))."""
         shape = (prompt.shape[0], prompt.shape[1] + output_len)
         engine = self.engines.get(shape)
         if engine is None:
-            engine = self.engines[shape] = Engine(self.model, max_len=shape[1], compile=self.compile)
+            engine = self.engines[shape] = Engine(self.model, max_len=shape[1], compile=self.compile,
+                                                  cache=self.cache)
             t = time.perf_counter()
             engine.generate(prompt, min(output_len, 3))  # the first steps trace and compile in graph mode
             self.first_run_s[shape] = time.perf_counter() - t
         now = self.backend.now_ms
         t0 = now()
-        token = engine.prefill(prompt)
+        token = engine.prefill(prompt).argmax(-1, keepdim=True)  # (B, 1)
         t1 = now()
         steps, tokens = [], [token]
         for _ in range(output_len - 1):
             s = now()
-            token = engine.decode(token)
+            token = engine.decode(token).argmax(-1, keepdim=True)
             steps.append(now() - s)
             tokens.append(token)
         return t1 - t0, steps, now() - t0, torch.cat(tokens, dim=1)
@@ -116,12 +84,12 @@ def _alone(go: bool) -> bool:
 def run_scenario(model, backend, cfg: BenchmarkConfig, vocab_size: int,
                  scenario: ScenarioConfig | None = None,
                  agree: Callable[[bool], bool] = _alone,
-                 loop: HFLoop | EngineLoop | None = None) -> tuple[Scenario, float | None]:
+                 loop: EngineLoop | None = None) -> tuple[Scenario, float | None]:
     """One scenario (default: cfg's first) in this process; returns it and the energy used in joules
     (None: no counter). `agree` turns this process's "run again?" into every rank's (tensor-parallel).
-    `loop` drives generation (default: HF's loop)."""
+    `loop` drives generation (default: the engine, eager)."""
     sc = scenario or cfg.resolved_scenarios[0]
-    gen = loop or HFLoop(model, backend)
+    gen = loop or EngineLoop(model, backend)
     prompt = make_prompt(sc, vocab_size, backend.device())
     for _ in range(cfg.warmup):
         gen(prompt, sc.output_len)
@@ -160,10 +128,10 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def measure_loaded(model, backend, cfg: BenchmarkConfig, agree: Callable[[bool], bool] = _alone,
-                   mode: str = "single", devices: int = 1, loop: HFLoop | EngineLoop | None = None,
+                   mode: str = "single", devices: int = 1, loop: EngineLoop | None = None,
                    runtime: str = "npuflow-eager") -> dict:
     """Every configured scenario on a loaded model, then the greedy continuation of the first prompt."""
-    gen = loop or HFLoop(model, backend)
+    gen = loop or EngineLoop(model, backend)
     scenarios = []
     vocab = model.config.vocab_size
     for sc in cfg.resolved_scenarios:
@@ -184,34 +152,31 @@ def measure_loaded(model, backend, cfg: BenchmarkConfig, agree: Callable[[bool],
     }
 
 
-RUNTIMES = ("npuflow", "hf-eager")
+RUNTIMES = (Runtime.NPUFLOW, Runtime.HF_EAGER)
 
 
-def load_runtime(model_dir: Path, backend, dtype: torch.dtype, runtime: str = "npuflow", graph: bool = False,
-                 loop: str = "engine"):
+def load_runtime(model_dir: Path, backend, dtype: torch.dtype, runtime: str = Runtime.NPUFLOW,
+                 graph: bool = False):
     """(model, generation loop, runtime label). npuflow: the quantized artifact on the backend's kernels,
-    generated by the engine (static KV cache; decode compiled in graph mode) or, loop "hf", by HF's loop;
-    hf-eager: plain transformers on an unquantized checkpoint, HF's loop (the baseline users know)."""
-    if runtime == "hf-eager":
+    generated by the engine (static KV cache; decode compiled in graph mode); hf-eager: plain
+    transformers on an unquantized checkpoint, the engine on HF's DynamicCache (the baseline users know)."""
+    if runtime == Runtime.HF_EAGER:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(backend.device()).eval()
-        return model, HFLoop(model, backend), "hf-eager"
-    if runtime != "npuflow":
+        return model, EngineLoop(model, backend, cache="dynamic"), Runtime.HF_EAGER
+    if runtime != Runtime.NPUFLOW:
         raise NpuflowError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
     model = load_quantized(model_dir, backend, dtype)
-    if loop == "hf":
-        return model, HFLoop(model, backend), "npuflow-eager (HF loop)"
-    label = runtime_label(graph)
-    return model, EngineLoop(model, backend, compile=graph), label
+    return model, EngineLoop(model, backend, compile=graph), runtime_label(graph)
 
 
-def measure(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig, runtime: str = "npuflow",
-            graph: bool = False, loop: str = "engine") -> dict:
+def measure(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig, runtime: str = Runtime.NPUFLOW,
+            graph: bool = False) -> dict:
     """The single-device measurement (the stage runs it in a child process): load, then every scenario."""
     backend = get_backend(device)
     backend.reset_peak_memory()
-    model, gen, label = load_runtime(model_dir, backend, DTYPES[dtype], runtime, graph, loop)
+    model, gen, label = load_runtime(model_dir, backend, DTYPES[dtype], runtime, graph)
     return measure_loaded(model, backend, cfg, loop=gen, runtime=label)
 
 

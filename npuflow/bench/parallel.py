@@ -1,4 +1,8 @@
-"""TODO."""
+"""Tensor-parallel benchmark rank (started by torchrun through npuflow.runtime.parallel.launch): load,
+shard, measure every scenario through the engine in lock-step; rank 0 writes the JSON.
+
+  torchrun --standalone --nproc-per-node N -m npuflow.bench.parallel MODEL_DIR cpu float32 CONFIG_JSON OUT
+"""
 
 from __future__ import annotations
 

@@ -126,10 +126,10 @@ def benchmark_dir(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig
                   single_baseline: bool = True, runtime: str = "npuflow", graph: bool = False) -> BenchmarkReport:
     """`npuflow benchmark`: single device in this process; mode tensor-parallel adds cfg.tp ranks under
     torchrun (and keeps the single-device run as its baseline unless `single_baseline` is False; both
-    then use HF's loop, which the sharded model runs)."""
+    then run the engine eagerly, as the sharded ranks do)."""
     check_scenarios_fit(model_dir, cfg)
-    loop = "hf" if cfg.mode == "tensor-parallel" else "engine"
-    results = ([measure(model_dir, device, dtype, cfg, runtime, graph, loop)]
+    tp = cfg.mode == "tensor-parallel"
+    results = ([measure(model_dir, device, dtype, cfg, runtime, graph and not tp)]
                if cfg.mode == "single" or single_baseline else [])
     if cfg.mode == "tensor-parallel":
         from npuflow.runtime.parallel import launch

@@ -1,1 +1,1 @@
-"""cli"""
+"""The `npuflow` command, one module per command group (see main.py)."""

@@ -1,4 +1,4 @@
-"""TODO."""
+"""Commands that run one stage on its own: make-tiny-model, fetch, quantize, convert, export-onnx."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO."""
+"""Commands on the registry: models (versions, aliases, tags) and rollback."""
 
 from __future__ import annotations
 

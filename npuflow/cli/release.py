@@ -1,4 +1,4 @@
-"""TODO."""
+"""Commands that run the Prefect flows: run (release), rollout, deploy."""
 
 from __future__ import annotations
 

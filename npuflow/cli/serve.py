@@ -1,4 +1,4 @@
-"""TODO."""
+"""`npuflow serve`: the registry's champion (and a challenger) behind the OpenAI API."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def serve(config: ConfigArg,
         raise ConfigError(f"--challenger-weight must be 0..100 (% of traffic), got {challenger_weight:g}")
     from npuflow.core.settings import Settings
     from npuflow.serving.app import run_server
+    from npuflow.serving.loading import registry_pool
     from npuflow.serving.options import ServeOptions
-    from npuflow.serving.pool import ModelPool
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a server's log, not a terminal
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
@@ -41,7 +41,7 @@ def serve(config: ConfigArg,
             "binding %s without a token: anyone who can reach it may change weights and reload "
             "(set NPUFLOW_SERVE_TOKEN)", host)
     settings = Settings()
-    pool = ModelPool(ServeOptions(
+    pool = registry_pool(ServeOptions(
         name=cfg.name, tracking_uri=settings.resolved_tracking_uri, store_uri=settings.resolved_store_uri,
         cache_dir=settings.cache_dir, champion_weight=100 - challenger_weight,
         challenger_weight=challenger_weight,

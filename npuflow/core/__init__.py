@@ -1,1 +1,1 @@
-"""core"""
+"""Foundations every layer uses: config, settings, errors, artifacts (manifests), store, text, names."""

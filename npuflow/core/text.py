@@ -1,4 +1,4 @@
-"""TODO."""
+"""Evaluation and calibration text: builtin:, file:// and s3:// URIs, and token windows over it."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""eval"""
+"""Quality metrics and gates."""

@@ -1,4 +1,5 @@
-"""TODO."""
+"""Quality of a candidate against its reference on the same positions (perplexities, top-1 agreement,
+KL divergence) and the gates on them: used by validation and by quantization's fallback."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""quant"""
+"""Quantization: primitives -> schemes -> streaming/model (RTN, GPTQ) -> sensitivity, fallback -> stage."""

@@ -1,1 +1,1 @@
-"""registry"""
+"""The MLflow registry: client, promotion, tolerance, rollback, nightly check."""

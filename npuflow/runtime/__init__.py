@@ -1,1 +1,1 @@
-"""runtime"""
+"""Models on devices: the loader, the engine (the one generation loop), backends, parallel, offline."""

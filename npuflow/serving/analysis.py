@@ -1,4 +1,4 @@
-"""TODO."""
+"""Canary analysis (pure): one rollout stage's challenger statistics against its SLOs and the champion."""
 
 from __future__ import annotations
 

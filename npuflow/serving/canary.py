@@ -143,9 +143,9 @@ def embedded_server(opts) -> Iterator[str]:
     import uvicorn
 
     from npuflow.serving.app import create_app
-    from npuflow.serving.pool import ModelPool
+    from npuflow.serving.loading import registry_pool
 
-    pool = ModelPool(opts)
+    pool = registry_pool(opts)
     pool.reload()
     server = uvicorn.Server(uvicorn.Config(create_app(pool), host="127.0.0.1", port=_free_port(),
                                            log_level="warning"))

@@ -1,69 +1,40 @@
-"""TODO."""
+"""Generation for one request in a worker thread, its tokens handed to the event loop as text deltas."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from npuflow.serving.loading import LoadedModel
-from npuflow.serving.metrics import _Metrics
+from npuflow.runtime.engine import SamplingParams
+from npuflow.serving.loaded import LoadedModel
+from npuflow.serving.metrics import ServeMetrics
 
 log = logging.getLogger("npuflow.serve")
 
 
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int  # tokens to generate at most
-    temperature: float  # 0: greedy
-    top_p: float  # nucleus: smallest set of tokens whose probability reaches top_p
-    seed: int | None  # sampling RNG seed; None: a fresh one
-
-
-def _next_token(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
-    """One token id from the last position's logits (V,)."""
-    if s.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / s.temperature, dim=-1)  # (V,)
-    if s.top_p < 1:
-        p, idx = probs.sort(descending=True)
-        keep = p.cumsum(0) - p < s.top_p  # the first token is always kept
-        probs = torch.zeros_like(probs).scatter_(0, idx[keep], p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
 @torch.inference_mode()
-def generate(lm: LoadedModel, prompt_ids: list[int], s: Sampling) -> Iterator[tuple[str, str | None]]:
+def generate(lm: LoadedModel, prompt_ids: list[int], params: SamplingParams) -> Iterator[tuple[str, str | None]]:
     """Yield (text delta, None) per generated token, then ("", finish_reason): "stop" at EOS, else "length".
 
-    The caller holds lm.lock. Text is decoded incrementally; a token that ends inside a multi-byte
-    character is held back until the character is complete.
+    Tokens come from the version's engine (the runtime's one generation loop, as benchmarked). The
+    caller holds lm.lock. Text is decoded incrementally; a token that ends inside a multi-byte character
+    is held back until the character is complete.
     """
-    gen = torch.Generator().manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
-    x = torch.tensor([prompt_ids], device=lm.device)  # (1, T_in)
-    cache, out_ids, sent = None, [], ""
-    for _ in range(s.max_tokens):
-        out = lm.model(x, cache=cache, use_cache=True)  # logits (1, T, V)
-        cache = out.cache
-        tok = _next_token(out.logits[0, -1], s, gen)
-        if tok in lm.eos:
-            yield "", "stop"
-            return
+    out_ids, sent = [], ""
+    for tok in lm.engine.stream(prompt_ids, params):
         out_ids.append(tok)
         with lm.tok_lock:
             text = lm.tokenizer.decode(out_ids, skip_special_tokens=True)
         delta = "" if text.endswith("\ufffd") or not text.startswith(sent) else text[len(sent):]
         sent += delta
         yield delta, None
-        x = torch.tensor([[tok]], device=lm.device)  # (1, 1)
-    yield "", "length"
+    yield "", "length" if len(out_ids) == params.max_tokens else "stop"
 
 
 class _Run:
@@ -72,7 +43,7 @@ class _Run:
     Events: ("token", delta), ("finish", reason), ("error", message). `cancel` stops it at the next token.
     """
 
-    def __init__(self, lm: LoadedModel, prompt_ids: list[int], s: Sampling, metrics: _Metrics,
+    def __init__(self, lm: LoadedModel, prompt_ids: list[int], s: SamplingParams, metrics: ServeMetrics,
                  model_name: str, t0: float, slowdown_s: float = 0.0):
         self.lm, self.prompt_ids, self.s, self.metrics = lm, prompt_ids, s, metrics
         self.slowdown_s = slowdown_s  # ServeOptions.challenger_slowdown_ms on the challenger, else 0

@@ -1,11 +1,8 @@
-"""TODO."""
+"""A registered version loaded for serving: its weights from the store, checked, with its engine."""
 
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -15,30 +12,13 @@ from npuflow.core.names import Runtime
 from npuflow.core.store import open_store
 from npuflow.registry import client as registry
 from npuflow.runtime.backends import get_backend
+from npuflow.runtime.engine import Engine
 from npuflow.runtime.loader import DTYPES, load_quantized, load_tokenizer
+from npuflow.serving.loaded import LoadedModel
 from npuflow.serving.options import ServeOptions
+from npuflow.serving.pool import ModelPool
 
 log = logging.getLogger("npuflow.serve")
-
-
-@dataclass
-class LoadedModel:
-    """A registry version loaded on its device, with the lock that serialises its forward passes."""
-
-    version: registry.ModelVersion
-    deployable: Deployable
-    model: torch.nn.Module
-    tokenizer: Any
-    device: torch.device
-    context: int  # max_position_embeddings: prompt + generated tokens at most
-    eos: frozenset[int]  # token ids that end a completion
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one forward pass at a time
-    tok_lock: threading.Lock = field(default_factory=threading.Lock)  # the Rust tokenizer is not shared-safe
-    in_flight: int = 0  # requests queued or running on this model (guarded by the pool's lock)
-
-    @property
-    def label(self) -> str:
-        return self.version.version
 
 
 def _find_quantized(deployable: Deployable, location: dict[str, str], store_uri: str):
@@ -66,18 +46,28 @@ def load_version(c, version: registry.ModelVersion, opts: ServeOptions) -> Loade
     quantized, store = _find_quantized(deployable, location, opts.store_uri)
     model_dir = materialize(store, quantized.key, quantized.files, opts.cache_dir)
     graph = deployable.runtime == Runtime.NPUFLOW_GRAPH
-    model = load_quantized(model_dir, backend, DTYPES[deployable.dtype], graph=graph)
+    model = load_quantized(model_dir, backend, DTYPES[deployable.dtype])  # graph mode: the engine compiles
     tokenizer = load_tokenizer(model_dir)
     cfg = model.config
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id,
                                                                       tokenizer.eos_token_id]
+    context = int(cfg.max_position_embeddings)
     lm = LoadedModel(version=version, deployable=deployable, model=model, tokenizer=tokenizer,
-                     device=backend.device(), context=int(cfg.max_position_embeddings),
+                     engine=Engine(model, max_len=context, compile=graph),
+                     device=backend.device(), context=context,
                      eos=frozenset(i for i in eos if i is not None))
-    with torch.inference_mode():
-        logits = model(torch.tensor([[tokenizer.bos_token_id or 0]], device=lm.device)).logits  # (1, 1, V)
+    with torch.inference_mode():  # it answers: two steps through the engine (graph mode compiles here)
+        logits = lm.engine.prefill(torch.tensor([[tokenizer.bos_token_id or 0]], device=lm.device))  # (1, V)
+        logits = torch.cat([logits, lm.engine.decode(logits.argmax(-1, keepdim=True))])
     if not torch.isfinite(logits).all():
         raise NpuflowError(f"{version.name} version {version.version} produced NaN/Inf logits when loaded")
     log.info("loaded %s version %s (%s, %s) from %s", version.name, version.version, deployable.device,
              deployable.dtype, model_dir)
     return lm
+
+
+def registry_pool(opts: ServeOptions):
+    """The pool serving `opts.name` from the MLflow registry at opts.tracking_uri."""
+    c = registry.client(opts.tracking_uri)
+    return ModelPool(opts, resolve=lambda alias: registry.by_alias(c, opts.name, alias),
+                     load=lambda version: load_version(c, version, opts), where=opts.tracking_uri)

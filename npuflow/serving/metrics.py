@@ -1,4 +1,5 @@
-"""TODO."""
+"""Prometheus series of one server (one registry per app), labelled by model and version; the canary
+analysis reads them back (npuflow.serving.promstats), the same for every engine."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 TPOT_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)  # s per token
 
 
-class _Metrics:
+class ServeMetrics:
     """Prometheus series in one registry per app, labelled by model and version."""
 
     def __init__(self) -> None:

@@ -1,4 +1,10 @@
-"""TODO."""
+"""ModelPool: which versions serve (the champion and at most one challenger) and with what weight.
+
+The pool is handed two functions and knows nothing of MLflow or the store:
+  resolve(alias) -> ModelVersion | None   where an alias points now (None: it points nowhere)
+  load(version)  -> LoadedModel           the version loaded and checked (raises when it cannot be)
+`npuflow.serving.loading.registry_pool` builds them from the registry; tests hand in their own.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,8 @@ from typing import Any
 
 from npuflow.core.errors import NpuflowError
 from npuflow.core.names import Alias, Role, Tag
-from npuflow.registry import client as registry
-from npuflow.serving.loading import LoadedModel, load_version
+from npuflow.registry.client import ModelVersion
+from npuflow.serving.loaded import LoadedModel
 from npuflow.serving.options import ServeOptions
 from npuflow.serving.protocol import ApiError
 
@@ -36,8 +42,10 @@ def _now() -> str:
 class ModelPool:
     """The champion and at most one challenger, with routing weights; thread-safe."""
 
-    def __init__(self, opts: ServeOptions):
-        self.opts = opts
+    def __init__(self, opts: ServeOptions, resolve: Callable[[str], ModelVersion | None],
+                 load: Callable[[ModelVersion], LoadedModel], where: str = "the registry"):
+        self.opts, self.resolve, self.load = opts, resolve, load
+        self.where = where  # named in errors: where the aliases live
         self._lock = threading.Lock()  # guards slots, weights and in-flight counts
         self._reload_lock = threading.Lock()  # one reload at a time
         self._rng = random.Random(opts.seed)
@@ -58,19 +66,18 @@ class ModelPool:
         Raises NpuflowError only when there is no champion to serve at all.
         """
         with self._reload_lock:
-            c = registry.client(self.opts.tracking_uri)
             name = self.opts.name
             loaded = {s.model.label: s.model for s in (self.champion, self.challenger) if s.model is not None}
             errors: list[str] = []
-            champ_v = registry.by_alias(c, name, Alias.CHAMPION)
+            champ_v = self.resolve(Alias.CHAMPION)
             if champ_v is None:
                 if self.champion.model is None:
-                    raise NpuflowError(f"{name} has no `champion` alias in {self.opts.tracking_uri}: "
+                    raise NpuflowError(f"{name} has no `champion` alias in {self.where}: "
                                        "nothing to serve; run the release flow (`npuflow run CONFIG`) first")
                 errors.append(f"the champion alias is gone; version {self.champion.model.label} serves on")
             elif self.champion.model is None or self.champion.model.label != champ_v.version:
                 try:
-                    new = loaded.get(champ_v.version) or load_version(c, champ_v, self.opts)
+                    new = loaded.get(champ_v.version) or self.load(champ_v)
                 except Exception as err:
                     msg = f"champion version {champ_v.version} failed to load: {err}"
                     if self.champion.model is None:
@@ -82,7 +89,7 @@ class ModelPool:
                         self.champion = _Slot(Alias.CHAMPION, new, champ_v.version)
                     self._event("champion", version=champ_v.version)
             champion_label = self.champion.model.label  # type: ignore[union-attr]
-            chal_v = registry.by_alias(c, name, self.opts.challenger_alias)
+            chal_v = self.resolve(self.opts.challenger_alias)
             if chal_v is None or chal_v.version == champion_label:
                 if self.challenger.version is not None:
                     self._event("challenger removed", version=self.challenger.version)
@@ -90,7 +97,7 @@ class ModelPool:
                     self.challenger = _Slot(self.opts.challenger_alias)
             elif self.challenger.model is None or self.challenger.model.label != chal_v.version:
                 try:
-                    new = loaded.get(chal_v.version) or load_version(c, chal_v, self.opts)
+                    new = loaded.get(chal_v.version) or self.load(chal_v)
                 except Exception as err:
                     self.take_out(None, f"failed to load: {err}", version=chal_v.version)
                     errors.append(f"challenger version {chal_v.version} failed to load: {err}")

@@ -1,1 +1,1 @@
-"""stages"""
+"""Pipeline stages that are not quantization or benchmarking: fetch, convert, validate."""

@@ -24,6 +24,7 @@ from npuflow.core.names import Alias
 from npuflow.core.settings import Settings
 from npuflow.registry import client as registry
 from npuflow.serving.app import create_app
+from npuflow.serving.loading import registry_pool
 from npuflow.serving.options import ServeOptions
 from npuflow.serving.pool import ModelPool
 from tests.conftest import free_port
@@ -98,7 +99,7 @@ def serving(opts: ServeOptions) -> Iterator[tuple[str, ModelPool]]:
     """uvicorn in a thread on 127.0.0.1 and a free port, the pool loaded first (as `npuflow serve` does)."""
     import uvicorn
 
-    pool = ModelPool(opts)
+    pool = registry_pool(opts)
     pool.reload()
     server = uvicorn.Server(uvicorn.Config(create_app(pool), host="127.0.0.1", port=free_port(),
                                            log_level="warning"))

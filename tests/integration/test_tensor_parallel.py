@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuflow.bench.measure import greedy_generate, make_prompt
+from npuflow.bench.measure import make_prompt
 from npuflow.core.config import BenchmarkConfig, QuantizationConfig
 from npuflow.quant.streaming import quantize_dir
 from npuflow.runtime.backends import cpu
+from npuflow.runtime.engine import Engine
 from npuflow.runtime.loader import load_quantized
 from npuflow.runtime.parallel import launch
 
@@ -92,8 +93,8 @@ def test_tp2_splits_int4_groups_and_decodes_like_one_device(demo_quantized, monk
     assert result["devices"] == 2 and result["dist_backend"] == "gloo"
     assert result["rank_weight_bytes"] < result["weight_bytes"]  # each rank: half of every decoder linear
     model = load_quantized(model_dir, cpu, torch.float32)
-    expected = greedy_generate(model, make_prompt(cfg.resolved_scenarios[0], model.config.vocab_size,
-                                                  cpu.device()), 24)
+    prompt = make_prompt(cfg.resolved_scenarios[0], model.config.vocab_size, cpu.device())
+    expected = Engine(model, max_len=prompt.shape[1] + 24).generate(prompt, 24)  # one device
     assert result["greedy_tokens"] == expected.tolist()
 
 

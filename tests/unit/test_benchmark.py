@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuflow.bench.measure import greedy_generate, measure, run_scenario, summarize
+from npuflow.bench.measure import measure, run_scenario, summarize
 from npuflow.bench.stage import build_report
 from npuflow.core.config import BenchmarkConfig
 from npuflow.runtime.backends import cpu
+from npuflow.runtime.engine import Engine
 from npuflow.runtime.loader import load_quantized
 
 # ---------------------------------------------------------------------------------------------- summarize
@@ -46,10 +47,11 @@ def test_summarize_tail_shows_in_p99_not_p50() -> None:
 # ---------------------------------------------------------------------------------------------- greedy loop
 
 
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
 @pytest.mark.parametrize("n", [1, 6])
-def test_greedy_generate_matches_hf_generate(tiny_random_llama, n: int) -> None:
+def test_engine_greedy_matches_hf_generate(tiny_random_llama, n: int, cache: str) -> None:
     prompt = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))  # (B, T_in)
-    tokens = greedy_generate(tiny_random_llama, prompt, n)
+    tokens = Engine(tiny_random_llama, max_len=8 + n, cache=cache).generate(prompt, n)
     assert tokens.shape == (2, n) and tokens.dtype == torch.long
     with torch.inference_mode():
         hf = tiny_random_llama.generate(

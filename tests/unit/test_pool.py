@@ -1,0 +1,194 @@
+"""ModelPool and the completions serving class without MLflow or HTTP: the pool is handed an alias
+resolver (a dict here) and a loader (the demo model, quantized and loaded for real)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from npuflow.core.artifacts import Deployable
+from npuflow.core.config import QuantizationConfig
+from npuflow.core.errors import NpuflowError
+from npuflow.core.names import Alias, Role, Tag
+from npuflow.quant.streaming import quantize_dir
+from npuflow.registry.client import ModelVersion
+from npuflow.runtime.backends import cpu
+from npuflow.runtime.engine import Engine, SamplingParams
+from npuflow.runtime.loader import load_quantized, load_tokenizer
+from npuflow.serving.completions import ServingCompletions
+from npuflow.serving.loaded import LoadedModel
+from npuflow.serving.metrics import ServeMetrics
+from npuflow.serving.options import ServeOptions
+from npuflow.serving.pool import ModelPool
+from npuflow.serving.protocol import ApiError
+
+
+@pytest.fixture(scope="module")
+def demo_model(tiny_model_dir: Path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pool") / "w8a16"
+    out.mkdir()
+    quantize_dir(tiny_model_dir, out, QuantizationConfig())
+    return load_quantized(out, cpu, torch.float32), load_tokenizer(out)
+
+
+class Registry:
+    """Aliases in a dict and a loader that records what it loaded; versions in `broken` fail to load."""
+
+    def __init__(self, demo_model, **aliases: str):
+        self.model, self.tokenizer = demo_model
+        self.aliases = dict(aliases)
+        self.broken: set[str] = set()
+        self.loaded: list[str] = []
+
+    def resolve(self, alias: str) -> ModelVersion | None:
+        v = self.aliases.get(alias)
+        return None if v is None else ModelVersion(name="tiny", version=v, aliases=[alias], run_id=None,
+                                                   tags={Tag.ARTIFACT_SHA256: f"sha-{v}"})
+
+    def load(self, version: ModelVersion) -> LoadedModel:
+        if version.version in self.broken:
+            raise NpuflowError(f"weights of v{version.version} are corrupt")
+        self.loaded.append(version.version)
+        dep = Deployable(uri="file:///x", key="k", name="tiny", quantized_manifest_sha256="q", quantized_key="q",
+                         device="cpu", device_name="cpu", runtime="npuflow-eager", dtype="float32", kernels={},
+                         versions={}, smoke_logits_sha256="s")
+        return LoadedModel(version=version, deployable=dep, model=self.model, engine=Engine(self.model, 256),
+                           tokenizer=self.tokenizer, device=torch.device("cpu"), context=256,
+                           eos=frozenset({self.tokenizer.eos_token_id}))
+
+
+def _pool(reg: Registry, **opts) -> ModelPool:
+    o = ServeOptions(name="tiny", tracking_uri="memory", store_uri="memory", cache_dir=Path("/nonexistent"), **opts)
+    return ModelPool(o, resolve=reg.resolve, load=reg.load, where="the test registry")
+
+
+def test_champion_and_challenger_serve_with_their_weights(demo_model) -> None:
+    reg = Registry(demo_model, champion="1", candidate="2")
+    pool = _pool(reg, champion_weight=50, challenger_weight=50)
+    state = pool.reload()
+    assert state["status"] == "ok" and state["errors"] == []
+    assert (state["champion"]["version"], state["challenger"]["version"]) == ("1", "2")
+    assert state["challenger"]["artifact_sha256"] == "sha-2"
+    picks = Counter()
+    for _ in range(400):
+        _, lm = pool.acquire()
+        picks[lm.label] += 1
+        pool.release(lm)
+    assert 160 < picks["2"] < 240  # 50/50 with a seeded RNG
+    assert pool.acquire(Role.CHAMPION)[1].label == "1" and pool.acquire(Role.CHALLENGER)[1].label == "2"
+
+
+def test_no_champion_anywhere_is_an_error_naming_the_registry(demo_model) -> None:
+    with pytest.raises(NpuflowError, match="no `champion` alias in the test registry"):
+        _pool(Registry(demo_model)).reload()
+
+
+def test_a_champion_that_fails_to_load_never_replaces_the_one_serving(demo_model) -> None:
+    reg = Registry(demo_model, champion="1")
+    pool = _pool(reg)
+    pool.reload()
+    reg.aliases[Alias.CHAMPION], reg.broken = "3", {"3"}
+    state = pool.reload()
+    assert state["champion"]["version"] == "1" and state["status"] == "degraded"
+    assert "champion version 3 failed to load" in state["errors"][0] and "1 keeps serving" in state["errors"][0]
+    assert pool.acquire()[1].label == "1"
+
+
+def test_a_challenger_that_fails_to_load_is_out_of_rotation(demo_model) -> None:
+    reg = Registry(demo_model, champion="1", candidate="2")
+    reg.broken = {"2"}
+    pool = _pool(reg, challenger_weight=100)
+    state = pool.reload()
+    assert state["challenger"]["status"] == "out_of_rotation" and "corrupt" in state["challenger"]["reason"]
+    assert pool.effective_weights()[Role.CHALLENGER] == 0.0
+    assert {pool.acquire()[1].label for _ in range(20)} == {"1"}  # every request to the champion (not released)
+    with pytest.raises(ApiError) as err:
+        pool.acquire(Role.CHALLENGER)
+    assert err.value.status == 503 and "corrupt" in err.value.message
+
+
+def test_promotion_reuses_the_loaded_challenger_and_drops_a_self_challenger(demo_model) -> None:
+    reg = Registry(demo_model, champion="1", candidate="2")
+    pool = _pool(reg)
+    pool.reload()
+    reg.aliases = {Alias.CHAMPION: "2", Alias.CANDIDATE: "2"}  # the candidate was promoted
+    state = pool.reload()
+    assert reg.loaded == ["1", "2"]  # v2 was not loaded a second time
+    assert state["champion"]["version"] == "2" and pool.challenger.model is None
+    assert [e["event"] for e in pool.events][-2:] == ["champion", "challenger removed"]
+
+
+def test_in_flight_limit_and_release(demo_model) -> None:
+    pool = _pool(Registry(demo_model, champion="1"), max_in_flight=2)
+    pool.reload()
+    first = pool.acquire()[1]
+    pool.acquire()
+    with pytest.raises(ApiError) as err:
+        pool.acquire()
+    assert err.value.status == 503 and err.value.type == "overloaded"
+    pool.release(first)
+    assert pool.acquire()[1].in_flight == 2
+
+
+def test_taking_out_a_replaced_challenger_changes_nothing(demo_model) -> None:
+    reg = Registry(demo_model, champion="1", candidate="2")
+    pool = _pool(reg)
+    pool.reload()
+    old = pool.challenger.model
+    reg.aliases[Alias.CANDIDATE] = "3"
+    pool.reload()
+    pool.take_out(old, "v2 failed to answer")  # a late failure of the version that was replaced
+    assert pool.challenger.model is not None and pool.challenger.model.label == "3"
+
+
+# ---- the completions serving class, without HTTP -----------------------------------------------------
+
+
+@pytest.fixture
+def serving(demo_model) -> ServingCompletions:
+    pool = _pool(Registry(demo_model, champion="1", candidate="2"), max_tokens_limit=64)
+    pool.reload()
+    return ServingCompletions(pool, ServeMetrics(), pool.opts)
+
+
+@pytest.mark.parametrize(("body", "status", "param", "words"), [
+    ({"model": "tiny", "prompt": "a", "temprature": 0}, 400, "temprature", "not a field of this API"),
+    ({"model": "tiny", "prompt": "a", "n": 2}, 400, "n", "not supported"),
+    ({"model": "tiny", "prompt": "a", "seed": 2**64}, 400, "seed", "less than or equal"),
+    ({"model": "tiny", "prompt": "a", "seed": -1}, 400, "seed", "greater than or equal"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": 65}, 400, "max_tokens", "1..64"),
+    ({"model": "tiny", "prompt": "a", "temperature": 3}, 400, "temperature", "less than or equal"),
+    ({"model": "tiny"}, 400, "prompt", "required"),
+    ({"model": "other", "prompt": "a"}, 404, "model", "tiny@champion"),
+])
+def test_bad_requests_are_refused_before_any_model_work(serving, body, status, param, words) -> None:
+    with pytest.raises(ApiError) as err:
+        serving.parse(body)
+    assert (err.value.status, err.value.param) == (status, param) and words in err.value.message
+
+
+def test_a_prompt_past_the_context_is_a_400(serving) -> None:
+    req, _ = serving.parse({"model": "tiny", "prompt": "the cat " * 200, "max_tokens": 64})
+    with pytest.raises(ApiError, match="exceeds the model's context of 256"):
+        serving.prompt_ids(serving.pool.champion.model, req)
+
+
+def test_create_answers_with_the_engines_text_usage_and_the_version(serving) -> None:
+    req, pin = serving.parse({"model": "tiny@challenger", "prompt": "the cat sees", "max_tokens": 8,
+                              "temperature": 0})
+    resp = asyncio.run(serving.create(req, pin, 0.0))
+    body = json.loads(resp.body)
+    lm = serving.pool.challenger.model
+    ids = lm.tokenizer("the cat sees")["input_ids"]
+    expected = list(lm.engine.stream(ids, SamplingParams(max_tokens=8, stop_token_ids=lm.eos)))
+    assert resp.headers["x-model-version"] == "2" and resp.headers["x-model-role"] == "challenger"
+    assert body["choices"][0]["text"] == lm.tokenizer.decode(expected, skip_special_tokens=True)
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(expected),
+                             "total_tokens": len(ids) + len(expected)}
+    assert body["choices"][0]["finish_reason"] == ("length" if len(expected) == 8 else "stop")
+    assert lm.in_flight == 0  # released

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from npuflow.bench.measure import EngineLoop
+from npuflow.bench.measure import EngineLoop, HFBaseline
 from npuflow.core.config import QuantizationConfig
 from npuflow.quant.streaming import quantize_dir
 from npuflow.runtime.backends import cpu
@@ -102,7 +102,7 @@ def main() -> None:
         prompt = torch.randint(0, SHAPE["vocab_size"], (1, a.input_len), generator=torch.Generator().manual_seed(1))
 
         reference = EngineLoop(fast, cpu, compile=False)(prompt, a.output_len)[3]
-        runtimes = {"hf-eager": EngineLoop(baseline, cpu, cache="dynamic"), "npuflow": EngineLoop(fast, cpu, compile=True),
+        runtimes = {"hf-eager": HFBaseline(baseline, cpu), "npuflow": EngineLoop(fast, cpu, compile=True),
                     "npuflow-w4": EngineLoop(fast4, cpu, compile=True)}
         for gen in runtimes.values():
             gen(prompt, 4)  # warm-up (the engine compiles its decode step here)

@@ -7,6 +7,7 @@ benchmark stage runs (so peak memory is the serving process's own).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
@@ -21,8 +22,9 @@ from npuflow.core.config import BenchmarkConfig, ScenarioConfig
 from npuflow.core.errors import NpuflowError
 from npuflow.core.names import Runtime, runtime_label
 from npuflow.runtime.backends import get_backend
-from npuflow.runtime.engine import CacheKind, Engine
+from npuflow.runtime.engine import Engine, SamplingParams
 from npuflow.runtime.loader import DTYPES, load_quantized
+from npuflow.runtime.scheduler import Scheduler, generate
 
 log = logging.getLogger("npuflow.benchmark")
 
@@ -37,35 +39,62 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 class EngineLoop:
-    """Timed generation through the runtime's engine (npuflow.runtime.engine): prefill (TTFT) and each
-    decode step timed apart by the backend's clock. One engine per (batch, cache length), so each shape
-    compiles once in graph mode. `cache="dynamic"` is the hf-eager baseline (HF's DynamicCache)."""
+    """Timed generation through the runtime's engine and scheduler (continuous batching, as served):
+    the scenario's B rows are B sequences submitted together, each in its own slot. TTFT: submission to
+    the last row's first token; decode times: every sequence's intervals between tokens, pooled (the
+    inter-token latency a client sees). One engine per (batch, cache length)."""
 
-    def __init__(self, model, backend, compile: bool = False, cache: CacheKind = "static"):
-        self.model, self.backend, self.compile, self.cache = model, backend, compile, cache
-        self.name = "engine" if cache == "static" else "hf"
+    name = "engine"
+
+    def __init__(self, model, backend, compile: bool = False):
+        self.model, self.backend, self.compile = model, backend, compile
         self.engines: dict[tuple[int, int], Engine] = {}
         self.first_run_s: dict[tuple[int, int], float] = {}  # includes compilation in graph mode
 
     @torch.inference_mode()
     def __call__(self, prompt: torch.Tensor, output_len: int) -> tuple[float, list[float], float, torch.Tensor]:
-        """prompt (B, T) -> (ttft_ms, per-step decode ms, end-to-end ms, tokens (B, output_len))."""
+        """prompt (B, T) -> (ttft_ms, per-token decode ms, end-to-end ms, tokens (B, output_len))."""
         shape = (prompt.shape[0], prompt.shape[1] + output_len)
         engine = self.engines.get(shape)
         if engine is None:
-            engine = self.engines[shape] = Engine(self.model, max_len=shape[1], compile=self.compile,
-                                                  cache=self.cache)
+            engine = self.engines[shape] = Engine(self.model, max_len=shape[1], slots=shape[0], compile=self.compile)
             t = time.perf_counter()
-            engine.generate(prompt, min(output_len, 3))  # the first steps trace and compile in graph mode
+            generate(engine, prompt, min(output_len, 3))  # the first steps trace and compile in graph mode
             self.first_run_s[shape] = time.perf_counter() - t
+        sched = Scheduler(engine)
+        params = SamplingParams(max_tokens=output_len)  # fixed length: no stop token
+        t0 = time.perf_counter()
+        seqs = [sched.submit(row.tolist(), params) for row in prompt]
+        sched.run_until_done()
+        t1 = time.perf_counter()
+        ttft = max(s.first_token_at for s in seqs) - t0
+        steps = [(b - a) * 1e3 for s in seqs for a, b in itertools.pairwise(s.token_times)]
+        tokens = torch.tensor([s.output_ids for s in seqs])
+        return ttft * 1e3, steps, (t1 - t0) * 1e3, tokens
+
+
+class HFBaseline:
+    """The hf-eager baseline: plain transformers' loop (forward with a DynamicCache that grows each step),
+    what a user without npuflow runs. Not served; timed only to compare with."""
+
+    name = "hf"
+
+    def __init__(self, model, backend):
+        self.model, self.backend = model, backend
+        self.first_run_s: dict[tuple[int, int], float] = {}  # nothing compiles
+
+    @torch.inference_mode()
+    def __call__(self, prompt: torch.Tensor, output_len: int) -> tuple[float, list[float], float, torch.Tensor]:
         now = self.backend.now_ms
         t0 = now()
-        token = engine.prefill(prompt).argmax(-1, keepdim=True)  # (B, 1)
+        out = self.model(prompt, use_cache=True)  # prefill: logits (B, T_in, V) and the KV cache
+        token = out.logits[:, -1:].argmax(-1)  # (B, 1)
         t1 = now()
         steps, tokens = [], [token]
         for _ in range(output_len - 1):
             s = now()
-            token = engine.decode(token).argmax(-1, keepdim=True)
+            out = self.model(token, cache=out.cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
             steps.append(now() - s)
             tokens.append(token)
         return t1 - t0, steps, now() - t0, torch.cat(tokens, dim=1)
@@ -84,7 +113,7 @@ def _alone(go: bool) -> bool:
 def run_scenario(model, backend, cfg: BenchmarkConfig, vocab_size: int,
                  scenario: ScenarioConfig | None = None,
                  agree: Callable[[bool], bool] = _alone,
-                 loop: EngineLoop | None = None) -> tuple[Scenario, float | None]:
+                 loop: EngineLoop | HFBaseline | None = None) -> tuple[Scenario, float | None]:
     """One scenario (default: cfg's first) in this process; returns it and the energy used in joules
     (None: no counter). `agree` turns this process's "run again?" into every rank's (tensor-parallel).
     `loop` drives generation (default: the engine, eager)."""
@@ -128,7 +157,7 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def measure_loaded(model, backend, cfg: BenchmarkConfig, agree: Callable[[bool], bool] = _alone,
-                   mode: str = "single", devices: int = 1, loop: EngineLoop | None = None,
+                   mode: str = "single", devices: int = 1, loop: EngineLoop | HFBaseline | None = None,
                    runtime: str = "npuflow-eager") -> dict:
     """Every configured scenario on a loaded model, then the greedy continuation of the first prompt."""
     gen = loop or EngineLoop(model, backend)
@@ -164,7 +193,7 @@ def load_runtime(model_dir: Path, backend, dtype: torch.dtype, runtime: str = Ru
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(backend.device()).eval()
-        return model, EngineLoop(model, backend, cache="dynamic"), Runtime.HF_EAGER
+        return model, HFBaseline(model, backend), Runtime.HF_EAGER
     if runtime != Runtime.NPUFLOW:
         raise NpuflowError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
     model = load_quantized(model_dir, backend, dtype)

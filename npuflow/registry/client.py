@@ -36,6 +36,7 @@ class ModelVersion(BaseModel):
     tags: dict[str, str]
     run_id: str | None
     newly_registered: bool = False
+    created_s: int | None = None  # registration time, Unix seconds
 
 
 def client(tracking_uri: str):
@@ -150,6 +151,7 @@ def _to_model(v, newly: bool = False) -> ModelVersion:
     return ModelVersion(
         name=v.name, version=str(v.version), aliases=list(v.aliases or []), tags=dict(v.tags or {}),
         run_id=v.run_id, newly_registered=newly,
+        created_s=int((getattr(v, "creation_timestamp", None) or 0) / 1000) or None,
     )
 
 

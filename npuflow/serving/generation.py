@@ -1,88 +1,132 @@
-"""Generation for one request in a worker thread, its tokens handed to the event loop as text deltas."""
+"""Continuous batching for the server: one engine thread per loaded version drives its Scheduler, and
+each request is a `Run` whose tokens reach the event loop through an asyncio queue.
+
+Requests join the running batch at the next step and leave it when they finish; a request whose client
+went away (or that passed the time limit) is cancelled and its slot is free at the next step. The
+engine thread records when it last made progress, so /health can report an engine that stopped.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import torch
-
-from npuflow.runtime.engine import SamplingParams
-from npuflow.serving.loaded import LoadedModel
-from npuflow.serving.metrics import ServeMetrics
+from npuflow.runtime.engine import Engine, SamplingParams
+from npuflow.runtime.scheduler import Scheduler, Sequence
 
 log = logging.getLogger("npuflow.serve")
 
 
-@torch.inference_mode()
-def generate(lm: LoadedModel, prompt_ids: list[int], params: SamplingParams) -> Iterator[tuple[str, str | None]]:
-    """Yield (text delta, None) per generated token, then ("", finish_reason): "stop" at EOS, else "length".
+class Run:
+    """One request on the engine: events ("token", id) ... then ("finish", reason) or ("error", message)."""
 
-    Tokens come from the version's engine (the runtime's one generation loop, as benchmarked). The
-    caller holds lm.lock. Text is decoded incrementally; a token that ends inside a multi-byte character
-    is held back until the character is complete.
-    """
-    out_ids, sent = [], ""
-    for tok in lm.engine.stream(prompt_ids, params):
-        out_ids.append(tok)
-        with lm.tok_lock:
-            text = lm.tokenizer.decode(out_ids, skip_special_tokens=True)
-        delta = "" if text.endswith("\ufffd") or not text.startswith(sent) else text[len(sent):]
-        sent += delta
-        yield delta, None
-    yield "", "length" if len(out_ids) == params.max_tokens else "stop"
-
-
-class _Run:
-    """One generation in a worker thread, its events handed to the event loop through a queue.
-
-    Events: ("token", delta), ("finish", reason), ("error", message). `cancel` stops it at the next token.
-    """
-
-    def __init__(self, lm: LoadedModel, prompt_ids: list[int], s: SamplingParams, metrics: ServeMetrics,
-                 model_name: str, t0: float, slowdown_s: float = 0.0):
-        self.lm, self.prompt_ids, self.s, self.metrics = lm, prompt_ids, s, metrics
-        self.slowdown_s = slowdown_s  # ServeOptions.challenger_slowdown_ms on the challenger, else 0
-        self.name, self.t0 = model_name, t0  # t0: request arrival, perf_counter seconds
+    def __init__(self, batcher: Batcher, prompt_ids: list[int], params: SamplingParams):
+        self.batcher, self.prompt_ids, self.params = batcher, prompt_ids, params
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self.cancel = threading.Event()
+        self.seq: Sequence | None = None  # set on the engine thread when admitted to the scheduler
+        self.cancelled = False
         self.completion_tokens = 0
-        threading.Thread(target=self._work, name=f"npuflow-gen-v{lm.label}", daemon=True).start()
 
     def _put(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
 
-    def _work(self) -> None:
-        labels = (self.name, self.lm.label)
-        try:
-            with self.lm.lock:
-                last = None
-                for delta, finish in generate(self.lm, self.prompt_ids, self.s):
-                    if self.slowdown_s:
-                        time.sleep(self.slowdown_s)
-                    now = time.perf_counter()
-                    if last is None:
-                        self.metrics.ttft.labels(*labels).observe(now - self.t0)
-                    elif finish is None:
-                        self.metrics.tpot.labels(*labels).observe(now - last)
-                    last = now
-                    if finish is not None:
-                        self._put("finish", finish)
-                        return
-                    self.completion_tokens += 1
-                    self.metrics.tokens.labels(*labels).inc()
-                    self._put("token", delta)
-                    if self.cancel.is_set():
-                        self._put("finish", "cancelled")
-                        return
-        except Exception as err:  # a model that fails to answer: reported to the request, never raised
-            log.exception("generation failed on version %s", self.lm.label)
-            self._put("error", f"{type(err).__name__}: {err}")
+    def cancel(self) -> None:
+        """Stop generating: the slot is free at the engine's next step."""
+        self.cancelled = True
+        if self.seq is not None:
+            self.seq.cancelled = True
+        self.batcher.wake()
 
     async def next(self) -> tuple[str, Any]:
         return await self.queue.get()
+
+
+class Batcher:
+    """The engine thread of one loaded version: admits submitted runs and steps the scheduler."""
+
+    def __init__(self, engine: Engine, label: str, slowdown_s: float = 0.0, max_request_s: float = 600.0,
+                 on_token=None):
+        self.engine, self.label = engine, label
+        self.scheduler = Scheduler(engine)
+        self.slowdown_s = slowdown_s  # seconds slept per step: a measurably slow version for rehearsals
+        self.max_request_s = max_request_s  # a generation running longer is stopped ("timeout")
+        self.on_token = on_token  # (seconds since submit of the first token | since last token, first?) hook
+        self._inbox: queue.SimpleQueue[Run] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self.last_progress = time.monotonic()  # last step finished (or idle wait began)
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name=f"npuflow-engine-v{label}", daemon=True)
+        self._thread.start()
+
+    def submit(self, run: Run) -> None:
+        self._inbox.put(run)
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop the thread once the requests it holds are done (the version left the pool)."""
+        self._stop = True
+        self._wake.set()
+
+    def busy(self) -> bool:
+        return self.scheduler.has_work or not self._inbox.empty()
+
+    def stalled_s(self) -> float:
+        """Seconds since the engine last made progress while it has work (0 when idle or progressing)."""
+        return time.monotonic() - self.last_progress if self.busy() else 0.0
+
+    def _admit(self) -> None:
+        while not self._inbox.empty():
+            run = self._inbox.get()
+            if run.cancelled:
+                run._put("finish", "cancelled")
+                continue
+
+            def token(seq: Sequence, tok: int, run: Run = run) -> None:
+                run.completion_tokens += 1
+                run._put("token", tok)
+
+            def finish(seq: Sequence, run: Run = run) -> None:
+                reason = seq.finish_reason or "stop"
+                run._put("error", reason[len("error: "):]) if reason.startswith("error: ") else \
+                    run._put("finish", reason)
+
+            try:
+                run.seq = self.scheduler.submit(run.prompt_ids, run.params, on_token=token, on_finish=finish)
+            except ValueError as err:
+                run._put("error", str(err))
+
+    def _expire(self) -> None:
+        now = time.perf_counter()
+        for seq in self.scheduler.running.values():
+            if now - seq.submitted_at > self.max_request_s:
+                seq.cancelled = True  # retired at the step below
+                log.warning("version %s: a generation ran past %.0f s and was stopped", self.label,
+                            self.max_request_s)
+
+    def _loop(self) -> None:
+        while not (self._stop and not self.busy()):  # a closed batcher finishes what it has first
+            self._admit()
+            if not self.scheduler.has_work:
+                self.last_progress = time.monotonic()
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            self._expire()
+            try:
+                self.scheduler.step()
+            except Exception as err:  # the model failed: every request on it gets the error, the thread goes on
+                log.exception("engine step failed on version %s", self.label)
+                self.scheduler.fail_all(f"{type(err).__name__}: {err}")
+            self.steps += 1
+            self.last_progress = time.monotonic()
+            if self.slowdown_s:
+                time.sleep(self.slowdown_s)

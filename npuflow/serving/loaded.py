@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,23 +12,25 @@ import torch
 from npuflow.core.artifacts import Deployable
 from npuflow.registry import client as registry
 from npuflow.runtime.engine import Engine
+from npuflow.serving.generation import Batcher
 
 
 @dataclass
 class LoadedModel:
-    """A registry version loaded on its device, with the lock that serialises its forward passes."""
+    """A registry version loaded on its device; its engine thread (batcher) runs every request on it."""
 
     version: registry.ModelVersion
     deployable: Deployable
     model: torch.nn.Module
     engine: Engine  # the runtime's generation loop on this model (decode compiled in graph mode)
+    batcher: Batcher  # the engine thread: continuous batching of this version's requests
     tokenizer: Any
     device: torch.device
     context: int  # max_position_embeddings: prompt + generated tokens at most
     eos: frozenset[int]  # token ids that end a completion
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one forward pass at a time
     tok_lock: threading.Lock = field(default_factory=threading.Lock)  # the Rust tokenizer is not shared-safe
     in_flight: int = 0  # requests queued or running on this model (guarded by the pool's lock)
+    loaded_s: int = field(default_factory=lambda: int(time.time()))  # when it was loaded, Unix seconds
 
     @property
     def label(self) -> str:

@@ -14,6 +14,7 @@ from npuflow.registry import client as registry
 from npuflow.runtime.backends import get_backend
 from npuflow.runtime.engine import Engine
 from npuflow.runtime.loader import DTYPES, load_quantized, load_tokenizer
+from npuflow.serving.generation import Batcher
 from npuflow.serving.loaded import LoadedModel
 from npuflow.serving.options import ServeOptions
 from npuflow.serving.pool import ModelPool
@@ -40,7 +41,7 @@ def _find_quantized(deployable: Deployable, location: dict[str, str], store_uri:
 
 def load_version(c, version: registry.ModelVersion, opts: ServeOptions) -> LoadedModel:
     """Load a registered version's quantized weights with its deployable's device and dtype, then check
-    that it answers (one forward pass)."""
+    that it answers (a prefill and a decode step through its engine), and start its engine thread."""
     deployable, location = registry.deployable_of(c, version)
     backend = get_backend(deployable.device)
     quantized, store = _find_quantized(deployable, location, opts.store_uri)
@@ -52,15 +53,16 @@ def load_version(c, version: registry.ModelVersion, opts: ServeOptions) -> Loade
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id,
                                                                       tokenizer.eos_token_id]
     context = int(cfg.max_position_embeddings)
-    lm = LoadedModel(version=version, deployable=deployable, model=model, tokenizer=tokenizer,
-                     engine=Engine(model, max_len=context, compile=graph),
-                     device=backend.device(), context=context,
-                     eos=frozenset(i for i in eos if i is not None))
-    with torch.inference_mode():  # it answers: two steps through the engine (graph mode compiles here)
-        logits = lm.engine.prefill(torch.tensor([[tokenizer.bos_token_id or 0]], device=lm.device))  # (1, V)
-        logits = torch.cat([logits, lm.engine.decode(logits.argmax(-1, keepdim=True))])
+    engine = Engine(model, max_len=context, slots=opts.max_batch, compile=graph)
+    with torch.inference_mode():  # it answers: a prefill and a decode step (graph mode compiles here)
+        logits = engine.prefill(0, [tokenizer.bos_token_id or 0])  # (1, V)
+        logits = torch.cat([logits, engine.step(0, logits.argmax(-1, keepdim=True), torch.ones(1, 1, dtype=torch.long,
+                                                                                              device=logits.device))])
     if not torch.isfinite(logits).all():
         raise NpuflowError(f"{version.name} version {version.version} produced NaN/Inf logits when loaded")
+    lm = LoadedModel(version=version, deployable=deployable, model=model, tokenizer=tokenizer, engine=engine,
+                     batcher=Batcher(engine, version.version, max_request_s=opts.max_request_s),
+                     device=backend.device(), context=context, eos=frozenset(i for i in eos if i is not None))
     log.info("loaded %s version %s (%s, %s) from %s", version.name, version.version, deployable.device,
              deployable.dtype, model_dir)
     return lm

@@ -24,6 +24,9 @@ class ServeOptions(BaseModel):
     max_tokens_limit: int = Field(256, ge=1)  # largest max_tokens a request may ask for, tokens
     max_body_bytes: int = Field(64 << 10, ge=1024)  # request bodies above this get 413
     max_in_flight: int = Field(64, ge=1)  # requests queued or running per model; above: 503
+    max_batch: int = Field(16, ge=1, le=256)  # sequences decoded together per version (KV cache slots)
+    max_request_s: float = Field(600.0, gt=0)  # a generation running longer is stopped
+    stall_s: float = Field(60.0, gt=0)  # /health: an engine with work and no step for this long is stalled
     seed: int = 0  # routing RNG seed (the same seed, the same sequence of choices)
     # Tests and rehearsals only: sleep this long before each token the challenger generates, ms. It makes a
     # challenger measurably slow through the real serving path (no mock) so a canary analysis can fail it.

@@ -105,8 +105,19 @@ class ModelPool:
                     with self._lock:
                         self.challenger = _Slot(self.opts.challenger_alias, new, chal_v.version)
                     self._event("challenger", version=chal_v.version)
-            self.on_change()
+            self._after_reload(loaded)
             return {**self.health(), "errors": errors}
+
+    def _after_reload(self, before: dict[str, LoadedModel]) -> None:
+        """Challenger-only settings on the versions now served; engine threads of versions gone closed."""
+        slow = self.opts.challenger_slowdown_ms / 1000
+        serving = {id(m) for _, m in self.served()}
+        for role, lm in self.served():
+            lm.batcher.slowdown_s = slow if role == Role.CHALLENGER else 0.0
+        for lm in before.values():
+            if id(lm) not in serving:
+                lm.batcher.close()
+        self.on_change()
 
     def take_out(self, lm: LoadedModel | None, reason: str, version: str | None = None) -> None:
         """Take the challenger out of rotation (weight 0) with the reason; the champion keeps serving."""
@@ -115,6 +126,8 @@ class ModelPool:
                 return  # already replaced or taken out
             version = version or (lm.label if lm else None)
             self.challenger = _Slot(self.opts.challenger_alias, None, version, reason, _now())
+        if lm is not None:
+            lm.batcher.close()  # after the requests it still holds
         self._event("challenger out of rotation", version=version or "?", reason=reason)
         self.on_change()
 
@@ -171,9 +184,22 @@ class ModelPool:
                         "status": "serving" if m else "out_of_rotation", "weight": eff[role],
                         "requested_weight": self.weights[role], "reason": s.reason, "since": s.since,
                         "artifact_sha256": m.version.tags.get(Tag.ARTIFACT_SHA256) if m else None,
-                        "device": m.deployable.device if m else None, "in_flight": m.in_flight if m else 0}
+                        "device": m.deployable.device if m else None, "in_flight": m.in_flight if m else 0,
+                        "engine": _engine_state(m, self.opts.stall_s) if m else None}
 
             champ, chal = slot(Role.CHAMPION, self.champion), slot(Role.CHALLENGER, self.challenger)
+        stalled = [s for s in (champ, chal) if s and s["engine"] and s["engine"]["stalled"]]
+        if stalled:
+            return {"status": "stalled", "model": self.opts.name, "champion": champ, "challenger": chal,
+                    "weights": eff, "events": list(self.events)}
         degraded = self.champion.reason is not None or (chal is not None and chal["status"] != "serving")
         return {"status": "degraded" if degraded else "ok", "model": self.opts.name, "champion": champ,
                 "challenger": chal, "weights": eff, "events": list(self.events)}
+
+
+def _engine_state(lm: LoadedModel, stall_s: float) -> dict[str, Any]:
+    """What the version's engine thread is doing; stalled: it has work and made no step for stall_s."""
+    b = lm.batcher
+    idle_for = b.stalled_s()
+    return {"steps": b.steps, "running": len(b.scheduler.running), "waiting": len(b.scheduler.waiting),
+            "slots": lm.engine.slots, "seconds_without_progress": round(idle_for, 3), "stalled": idle_for > stall_s}

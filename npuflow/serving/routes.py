@@ -3,6 +3,7 @@ create_app puts on `app.state` (completions, pool, metrics, opts)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -16,9 +17,18 @@ from pydantic import ValidationError
 
 from npuflow.core.errors import NpuflowError
 from npuflow.core.names import Alias, Role
-from npuflow.serving.protocol import ApiError, WeightsRequest, bad_request, validation_message
+from npuflow.serving.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    WeightsRequest,
+    bad_request,
+    validation_message,
+)
 
 router = APIRouter()
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 def authorize(request: Request) -> None:
@@ -51,25 +61,65 @@ async def json_body(request: Request) -> dict[str, Any]:
     return data
 
 
-@router.post("/v1/completions")
-async def completions(request: Request):
+async def _answer(request: Request, kind: type) -> Any:
+    """Parse, then create the answer; a client that disconnects stops its generation (non-streaming
+    requests too: the handler is cancelled, which cancels the run and frees its slot at the next step)."""
     t0 = time.perf_counter()
     serving = request.app.state.completions
     try:
         authorize(request)
-        req, pin = serving.parse(await json_body(request))
+        req, pin = serving.parse(await json_body(request), kind)
     except ApiError as err:
         serving.metrics.errors.labels(serving.name, "none", err.type).inc()
         raise
-    return await serving.create(req, pin, t0)
+    work = asyncio.ensure_future(serving.create(req, pin, t0))
+    if req.stream:
+        return await work  # StreamingResponse: Starlette stops the generator when the client leaves
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return work.result()
+        if await request.is_disconnected():
+            work.cancel()
+            return Response(status_code=499)  # nobody reads it
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    return await _answer(request, CompletionRequest)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    return await _answer(request, ChatCompletionRequest)
+
+
+def _cards(request: Request) -> dict[str, ModelCard]:
+    name, pool = request.app.state.opts.name, request.app.state.pool
+    cards = {}
+    for model_id, role in ((name, Role.CHAMPION), (f"{name}@{Alias.CHAMPION}", Role.CHAMPION),
+                           (f"{name}@{Role.CHALLENGER}", Role.CHALLENGER)):
+        lm = pool.champion.model if role == Role.CHAMPION else pool.challenger.model
+        if lm is not None:
+            cards[model_id] = ModelCard(id=model_id, created=lm.version.created_s or lm.loaded_s,
+                                        max_model_len=lm.context)
+    return cards
 
 
 @router.get("/v1/models")
 async def models(request: Request):
     authorize(request)
-    name, pool = request.app.state.opts.name, request.app.state.pool
-    ids = [name, f"{name}@{Alias.CHAMPION}"] + ([f"{name}@{Role.CHALLENGER}"] if pool.challenger.model else [])
-    return {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "npuflow"} for i in ids]}
+    return {"object": "list", "data": [c.model_dump() for c in _cards(request).values()]}
+
+
+@router.get("/v1/models/{model_id}")
+async def model(request: Request, model_id: str):
+    authorize(request)
+    cards = _cards(request)
+    if model_id not in cards:
+        raise ApiError(404, f"model {model_id!r} is not served here; valid: {', '.join(cards)}", "not_found_error",
+                       "model")
+    return cards[model_id].model_dump()
 
 
 @router.get("/health")

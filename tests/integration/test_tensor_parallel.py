@@ -18,6 +18,7 @@ from npuflow.runtime.backends import cpu
 from npuflow.runtime.engine import Engine
 from npuflow.runtime.loader import load_quantized
 from npuflow.runtime.parallel import launch
+from npuflow.runtime.scheduler import generate
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +95,7 @@ def test_tp2_splits_int4_groups_and_decodes_like_one_device(demo_quantized, monk
     assert result["rank_weight_bytes"] < result["weight_bytes"]  # each rank: half of every decoder linear
     model = load_quantized(model_dir, cpu, torch.float32)
     prompt = make_prompt(cfg.resolved_scenarios[0], model.config.vocab_size, cpu.device())
-    expected = Engine(model, max_len=prompt.shape[1] + 24).generate(prompt, 24)  # one device
+    expected = generate(Engine(model, max_len=prompt.shape[1] + 24), prompt, 24)  # one device
     assert result["greedy_tokens"] == expected.tolist()
 
 

@@ -16,6 +16,7 @@ from npuflow.core.config import BenchmarkConfig
 from npuflow.runtime.backends import cpu
 from npuflow.runtime.engine import Engine
 from npuflow.runtime.loader import load_quantized
+from npuflow.runtime.scheduler import generate
 
 # ---------------------------------------------------------------------------------------------- summarize
 
@@ -47,11 +48,10 @@ def test_summarize_tail_shows_in_p99_not_p50() -> None:
 # ---------------------------------------------------------------------------------------------- greedy loop
 
 
-@pytest.mark.parametrize("cache", ["static", "dynamic"])
 @pytest.mark.parametrize("n", [1, 6])
-def test_engine_greedy_matches_hf_generate(tiny_random_llama, n: int, cache: str) -> None:
+def test_engine_greedy_matches_hf_generate(tiny_random_llama, n: int) -> None:
     prompt = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))  # (B, T_in)
-    tokens = Engine(tiny_random_llama, max_len=8 + n, cache=cache).generate(prompt, n)
+    tokens = generate(Engine(tiny_random_llama, max_len=8 + n, slots=2), prompt, n)
     assert tokens.shape == (2, n) and tokens.dtype == torch.long
     with torch.inference_mode():
         hf = tiny_random_llama.generate(

@@ -14,6 +14,7 @@ from npuflow.runtime.backends import cpu, cuda
 from npuflow.runtime.backends.common import linear_w8a16_reference
 from npuflow.runtime.engine import Engine
 from npuflow.runtime.loader import load_quantized
+from npuflow.runtime.scheduler import generate
 
 pytestmark = pytest.mark.gpu
 
@@ -48,8 +49,8 @@ def test_compiled_decode_on_cuda_matches_its_eager_reference(tiny_model_dir: Pat
     quantize_dir(tiny_model_dir, out, QuantizationConfig())
     model = load_quantized(out, cuda, torch.bfloat16)
     prompt = (torch.arange(24) * 13 % 500).unsqueeze(0).cuda()
-    eager = Engine(model, max_len=96).generate(prompt, 48)
-    compiled = Engine(model, max_len=96, compile=True).generate(prompt, 48)
+    eager = generate(Engine(model, max_len=96), prompt, 48)
+    compiled = generate(Engine(model, max_len=96, compile=True), prompt, 48)
     assert torch.equal(compiled, eager)
 
 

@@ -12,6 +12,7 @@ from npuflow.quant.streaming import quantize_dir
 from npuflow.runtime.backends import cpu
 from npuflow.runtime.engine import SEED_MAX, Engine, SamplingParams, sample
 from npuflow.runtime.loader import load_quantized, load_tokenizer
+from npuflow.runtime.scheduler import Scheduler, generate, stream
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,7 @@ def prompt(tiny_model_dir: Path) -> torch.Tensor:
 def test_static_cache_engine_matches_hf_dynamic_cache(demo_w8a16: Path, prompt, dtype) -> None:
     model = load_quantized(demo_w8a16, cpu, dtype)
     expected = _hf_loop(model, prompt, 24)
-    assert torch.equal(Engine(model, max_len=128).generate(prompt, 24), expected)
-    assert torch.equal(Engine(model, max_len=128, cache="dynamic").generate(prompt, 24), expected)
+    assert torch.equal(generate(Engine(model, max_len=128), prompt, 24), expected)
 
 
 @torch.inference_mode()
@@ -49,32 +49,30 @@ def _hf_loop(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
 
 def test_compiled_decode_matches_its_eager_reference_token_for_token(demo_w8a16: Path, prompt) -> None:
     model = load_quantized(demo_w8a16, cpu, torch.bfloat16)  # the fast path: bf16 + aten int8 kernel
-    eager = Engine(model, max_len=128).generate(prompt, 32)
-    compiled = Engine(model, max_len=128, compile=True).generate(prompt, 32)
+    eager = generate(Engine(model, max_len=128), prompt, 32)
+    compiled = generate(Engine(model, max_len=128, compile=True), prompt, 32)
     assert torch.equal(compiled, eager)
 
 
 def test_engine_refuses_to_run_past_its_cache(demo_w8a16: Path, prompt) -> None:
     engine = Engine(load_quantized(demo_w8a16, cpu, torch.float32), max_len=prompt.shape[1] + 2)
-    tok = engine.prefill(prompt).argmax(-1, keepdim=True)
-    tok = engine.decode(engine.decode(tok).argmax(-1, keepdim=True)).argmax(-1, keepdim=True)
     with pytest.raises(ValueError, match="cache holds"):
-        engine.decode(tok)
-    with pytest.raises(ValueError, match="does not fit"):
-        Engine(engine.model, max_len=4).prefill(prompt)
+        engine.step(0, torch.zeros(1, 1, dtype=torch.long), torch.tensor([[prompt.shape[1] + 2]]))
+    with pytest.raises(ValueError, match="exceeds the engine's"):
+        Scheduler(engine).submit(prompt[0].tolist(), SamplingParams(max_tokens=3))
 
 
 def test_stream_greedy_is_generate_and_stops_at_max_tokens(demo_w8a16: Path, prompt) -> None:
     engine = Engine(load_quantized(demo_w8a16, cpu, torch.float32), max_len=128)
-    expected = engine.generate(prompt, 12)[0].tolist()
-    assert list(engine.stream(prompt[0].tolist(), SamplingParams(max_tokens=12))) == expected
+    expected = generate(engine, prompt, 12)[0].tolist()
+    assert list(stream(engine, prompt[0].tolist(), SamplingParams(max_tokens=12))) == expected
 
 
 def test_stream_ends_at_a_stop_token_without_emitting_it(demo_w8a16: Path, prompt) -> None:
     engine = Engine(load_quantized(demo_w8a16, cpu, torch.float32), max_len=128)
-    greedy = engine.generate(prompt, 12)[0].tolist()
+    greedy = generate(engine, prompt, 12)[0].tolist()
     stop = greedy[5]
-    got = list(engine.stream(prompt[0].tolist(), SamplingParams(max_tokens=12, stop_token_ids=frozenset({stop}))))
+    got = list(stream(engine, prompt[0].tolist(), SamplingParams(max_tokens=12, stop_token_ids=frozenset({stop}))))
     assert got == greedy[: greedy.index(stop)]
 
 
@@ -83,7 +81,7 @@ def test_seeded_sampling_repeats_and_other_seeds_differ(demo_w8a16: Path, prompt
     ids = prompt[0].tolist()
 
     def run(seed: int) -> list[int]:
-        return list(engine.stream(ids, SamplingParams(max_tokens=24, temperature=1.5, seed=seed)))
+        return list(stream(engine, ids, SamplingParams(max_tokens=24, temperature=1.5, seed=seed)))
 
     assert run(7) == run(7)
     assert len({tuple(run(s)) for s in range(4)}) > 1  # a temperature of 1.5 over 24 tokens: not all equal
@@ -105,4 +103,37 @@ def test_sampling_params_refuse_what_the_generator_cannot_do(bad: dict) -> None:
 def test_stream_refuses_a_prompt_that_does_not_fit(demo_w8a16: Path, prompt) -> None:
     engine = Engine(load_quantized(demo_w8a16, cpu, torch.float32), max_len=prompt.shape[1] + 4)
     with pytest.raises(ValueError, match="exceeds"):
-        next(engine.stream(prompt[0].tolist(), SamplingParams(max_tokens=5)))
+        next(stream(engine, prompt[0].tolist(), SamplingParams(max_tokens=5)))
+
+
+def test_sequences_joining_at_any_step_decode_as_they_would_alone(demo_w8a16: Path, tiny_model_dir: Path) -> None:
+    """Continuous batching: prompts of different lengths arrive while others decode, prefill in chunks,
+    finish at different steps; each sequence's greedy tokens equal its tokens generated alone."""
+    model = load_quantized(demo_w8a16, cpu, torch.float32)
+    tok = load_tokenizer(tiny_model_dir)
+    texts = ["the cat sees the dog .", "what color is the apple ? the apple is", "anna has a red ball and",
+             "the bird sings in the garden on monday . the", "two dogs"]
+    alone = [list(stream(Engine(model, max_len=128), tok(t)["input_ids"], SamplingParams(max_tokens=6 + 3 * i)))
+             for i, t in enumerate(texts)]
+    sched = Scheduler(Engine(model, max_len=128, slots=3), prefill_chunk=4)
+    seqs = []
+    for i, t in enumerate(texts):
+        seqs.append(sched.submit(tok(t)["input_ids"], SamplingParams(max_tokens=6 + 3 * i)))
+        sched.step()  # each arrives while the earlier ones are running (3 slots: the last ones wait)
+    sched.run_until_done()
+    assert [s.output_ids for s in seqs] == alone
+    assert all(s.finish_reason in ("length", "stop") for s in seqs) and not sched.running
+
+
+def test_a_cancelled_sequence_frees_its_slot_at_the_next_step(demo_w8a16: Path, prompt) -> None:
+    sched = Scheduler(Engine(load_quantized(demo_w8a16, cpu, torch.float32), max_len=128, slots=1))
+    first = sched.submit(prompt[0].tolist(), SamplingParams(max_tokens=50))
+    second = sched.submit(prompt[0].tolist(), SamplingParams(max_tokens=3))
+    sched.step()
+    sched.step()
+    assert second.slot is None and first.slot == 0  # one slot: the second waits
+    first.cancelled = True
+    sched.step()
+    assert first.finish_reason == "cancelled" and second.slot == 0
+    sched.run_until_done()
+    assert len(second.output_ids) == 3

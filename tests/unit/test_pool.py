@@ -20,7 +20,9 @@ from npuflow.registry.client import ModelVersion
 from npuflow.runtime.backends import cpu
 from npuflow.runtime.engine import Engine, SamplingParams
 from npuflow.runtime.loader import load_quantized, load_tokenizer
+from npuflow.runtime.scheduler import stream
 from npuflow.serving.completions import ServingCompletions
+from npuflow.serving.generation import Batcher
 from npuflow.serving.loaded import LoadedModel
 from npuflow.serving.metrics import ServeMetrics
 from npuflow.serving.options import ServeOptions
@@ -57,7 +59,8 @@ class Registry:
         dep = Deployable(uri="file:///x", key="k", name="tiny", quantized_manifest_sha256="q", quantized_key="q",
                          device="cpu", device_name="cpu", runtime="npuflow-eager", dtype="float32", kernels={},
                          versions={}, smoke_logits_sha256="s")
-        return LoadedModel(version=version, deployable=dep, model=self.model, engine=Engine(self.model, 256),
+        return LoadedModel(version=version, deployable=dep, model=self.model, engine=(engine := Engine(self.model, 256, slots=4)),
+                           batcher=Batcher(engine, version.version),
                            tokenizer=self.tokenizer, device=torch.device("cpu"), context=256,
                            eos=frozenset({self.tokenizer.eos_token_id}))
 
@@ -185,7 +188,7 @@ def test_create_answers_with_the_engines_text_usage_and_the_version(serving) -> 
     body = json.loads(resp.body)
     lm = serving.pool.challenger.model
     ids = lm.tokenizer("the cat sees")["input_ids"]
-    expected = list(lm.engine.stream(ids, SamplingParams(max_tokens=8, stop_token_ids=lm.eos)))
+    expected = list(stream(Engine(lm.model, 256), ids, SamplingParams(max_tokens=8, stop_token_ids=lm.eos)))
     assert resp.headers["x-model-version"] == "2" and resp.headers["x-model-role"] == "challenger"
     assert body["choices"][0]["text"] == lm.tokenizer.decode(expected, skip_special_tokens=True)
     assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(expected),

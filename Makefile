@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean vllm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: setup lint  ## unit + integration tests (real Prefect, MLflow, S3 over HTT
 
 lint: setup
 	$(BIN)/ruff check npuflow tasks flows tests
+
+vllm:  ## the vLLM (CPU) environment in .venv-vllm, from infra/vllm/requirements.txt (a serving engine)
+	bash infra/vllm/install.sh .venv-vllm
 
 clean:
 	rm -rf .npuflow .pytest_cache .ruff_cache

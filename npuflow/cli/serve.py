@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from npuflow.cli.common import ConfigArg, app
+from npuflow.cli.common import app
 from npuflow.core.errors import ConfigError
 
 
 @app.command()
-def serve(config: ConfigArg,
+def serve(config: Annotated[Path | None, typer.Argument(
+              help="YAML run config: its `name` is served from the registry (champion and challenger).")] = None,
+          model: Annotated[Path | None, typer.Option(
+              "--model", help="Serve this quantized directory as the champion instead (no registry).")] = None,
+          name: Annotated[str, typer.Option(help="With --model: the model id clients send.")] = "local",
+          device: Annotated[str, typer.Option(help="With --model: cpu, cuda or npu.")] = "cpu",
+          graph: Annotated[bool, typer.Option("--graph/--eager", help="With --model: compile the decode step.")]
+          = True,
+          max_batch: Annotated[int, typer.Option(help="Sequences decoded together per version.")] = 16,
           port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
           host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = "127.0.0.1",
           challenger_weight: Annotated[float, typer.Option(
@@ -24,15 +33,19 @@ def serve(config: ConfigArg,
               help="Bearer token required on /v1 and /admin (default: none).")] = None,
           max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 256,
           ) -> None:
-    """Serve the champion (and a challenger) from the registry: OpenAI /v1/completions, /health, /metrics."""
+    """Serve the champion (and a challenger) from the registry: OpenAI /v1/completions and
+    /v1/chat/completions with continuous batching, /health, /metrics."""
     from npuflow.core.config import load_config
 
-    cfg = load_config(config)
+    if (config is None) == (model is None):
+        raise ConfigError("give a run CONFIG (serve its registered champion) or --model DIR (a quantized "
+                          "directory), not both and not neither")
+    cfg_name = load_config(config).name if config is not None else name
     if not 0 <= challenger_weight <= 100:
         raise ConfigError(f"--challenger-weight must be 0..100 (% of traffic), got {challenger_weight:g}")
     from npuflow.core.settings import Settings
     from npuflow.serving.app import run_server
-    from npuflow.serving.loading import registry_pool
+    from npuflow.serving.loading import directory_pool, registry_pool
     from npuflow.serving.options import ServeOptions
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a server's log, not a terminal
@@ -41,16 +54,16 @@ def serve(config: ConfigArg,
             "binding %s without a token: anyone who can reach it may change weights and reload "
             "(set NPUFLOW_SERVE_TOKEN)", host)
     settings = Settings()
-    pool = registry_pool(ServeOptions(
-        name=cfg.name, tracking_uri=settings.resolved_tracking_uri, store_uri=settings.resolved_store_uri,
+    opts = ServeOptions(
+        name=cfg_name, tracking_uri=settings.resolved_tracking_uri, store_uri=settings.resolved_store_uri,
         cache_dir=settings.cache_dir, champion_weight=100 - challenger_weight,
-        challenger_weight=challenger_weight,
-        token=token or None, max_tokens_limit=max_tokens,
-    ))
+        challenger_weight=challenger_weight, token=token or None, max_tokens_limit=max_tokens, max_batch=max_batch,
+    )
+    pool = directory_pool(opts, model, device, graph=graph) if model is not None else registry_pool(opts)
     state = pool.reload()  # no champion, or one that fails to load: exit 1 before the socket opens
     chal = state["challenger"]
     logging.getLogger("npuflow.serve").info(
-        "serving %s: champion v%s%s on http://%s:%d", cfg.name, state["champion"]["version"],
+        "serving %s: champion v%s%s on http://%s:%d", cfg_name, state["champion"]["version"],
         f", challenger v{chal['version']} ({chal['status']}, weight {chal['weight']:g})" if chal else "",
         host, port)
     run_server(pool, host=host, port=port)

@@ -32,6 +32,10 @@ _BATCH = 16  # windows per optimizer step
 _LR = 3e-3  # peak AdamW learning rate
 _WARMUP = 30  # steps of linear warmup before cosine decay
 _SPECIALS = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": "<pad>"}
+# A plain chat template (the demo model was trained on sentences, not dialogues: chat answers continue
+# the text): each message on its own line as "role: content", then "assistant:" to answer.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 
 # ----------------------------------------------------------------------------------------------
 # synthetic corpus: templated sentences with agreement between slots and fixed "facts".
@@ -154,6 +158,7 @@ def _train_tokenizer(text: str) -> PreTrainedTokenizerFast:
         pad_token=_SPECIALS["pad"],
         model_max_length=256,
         clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
     )
 
 

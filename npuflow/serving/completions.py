@@ -164,7 +164,8 @@ class ServingCompletions:
         try:
             ids = self.prompt_ids(lm, req)
             params = SamplingParams(max_tokens=self.max_tokens(req, lm.context - len(ids)), temperature=req.temperature, top_p=req.top_p,
-                                    seed=req.seed, stop_token_ids=lm.eos)
+                                    seed=req.seed,
+                                    stop_token_ids=frozenset() if req.ignore_eos else lm.eos)
             run = Run(lm.batcher, ids, params)
             lm.batcher.submit(run)
             first = await run.next()

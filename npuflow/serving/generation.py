@@ -61,6 +61,7 @@ class Batcher:
         self._stop = False
         self.last_progress = time.monotonic()  # last step finished (or idle wait began)
         self.steps = 0
+        self.peak_running = 0  # most sequences decoded together so far
         self._thread = threading.Thread(target=self._loop, name=f"npuflow-engine-v{label}", daemon=True)
         self._thread.start()
 
@@ -127,6 +128,7 @@ class Batcher:
                 log.exception("engine step failed on version %s", self.label)
                 self.scheduler.fail_all(f"{type(err).__name__}: {err}")
             self.steps += 1
+            self.peak_running = max(self.peak_running, len(self.scheduler.running))
             self.last_progress = time.monotonic()
             if self.slowdown_s:
                 time.sleep(self.slowdown_s)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
 from npuflow.core.artifacts import Deployable, QuantizedArtifact, load_manifest, materialize
-from npuflow.core.errors import NpuflowError
-from npuflow.core.names import Runtime
+from npuflow.core.errors import ConfigError, NpuflowError
+from npuflow.core.names import Alias, Runtime, Tag, runtime_label
 from npuflow.core.store import open_store
 from npuflow.registry import client as registry
 from npuflow.runtime.backends import get_backend
@@ -40,24 +41,29 @@ def _find_quantized(deployable: Deployable, location: dict[str, str], store_uri:
 
 
 def load_version(c, version: registry.ModelVersion, opts: ServeOptions) -> LoadedModel:
-    """Load a registered version's quantized weights with its deployable's device and dtype, then check
-    that it answers (a prefill and a decode step through its engine), and start its engine thread."""
+    """Load a registered version's quantized weights with its deployable's device and dtype."""
     deployable, location = registry.deployable_of(c, version)
-    backend = get_backend(deployable.device)
     quantized, store = _find_quantized(deployable, location, opts.store_uri)
     model_dir = materialize(store, quantized.key, quantized.files, opts.cache_dir)
+    return load_dir(model_dir, version, deployable, opts)
+
+
+def load_dir(model_dir: Path, version: registry.ModelVersion, deployable: Deployable,
+             opts: ServeOptions) -> LoadedModel:
+    """The quantized model in model_dir on the deployable's device, checked to answer (a prefill and a
+    decode step through its engine; graph mode compiles here), with its engine thread started."""
+    backend = get_backend(deployable.device)
     graph = deployable.runtime == Runtime.NPUFLOW_GRAPH
     model = load_quantized(model_dir, backend, DTYPES[deployable.dtype])  # graph mode: the engine compiles
     tokenizer = load_tokenizer(model_dir)
     cfg = model.config
-    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id,
-                                                                      tokenizer.eos_token_id]
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id, tokenizer.eos_token_id]
     context = int(cfg.max_position_embeddings)
     engine = Engine(model, max_len=context, slots=opts.max_batch, compile=graph)
-    with torch.inference_mode():  # it answers: a prefill and a decode step (graph mode compiles here)
+    with torch.inference_mode():
         logits = engine.prefill(0, [tokenizer.bos_token_id or 0])  # (1, V)
-        logits = torch.cat([logits, engine.step(0, logits.argmax(-1, keepdim=True), torch.ones(1, 1, dtype=torch.long,
-                                                                                              device=logits.device))])
+        one = torch.ones(1, 1, dtype=torch.long, device=logits.device)
+        logits = torch.cat([logits, engine.step(0, logits.argmax(-1, keepdim=True), one)])
     if not torch.isfinite(logits).all():
         raise NpuflowError(f"{version.name} version {version.version} produced NaN/Inf logits when loaded")
     lm = LoadedModel(version=version, deployable=deployable, model=model, tokenizer=tokenizer, engine=engine,
@@ -66,6 +72,30 @@ def load_version(c, version: registry.ModelVersion, opts: ServeOptions) -> Loade
     log.info("loaded %s version %s (%s, %s) from %s", version.name, version.version, deployable.device,
              deployable.dtype, model_dir)
     return lm
+
+
+def directory_pool(opts: ServeOptions, model_dir: Path, device: str = "cpu", dtype: str = "auto",
+                   graph: bool = True) -> ModelPool:
+    """A pool serving one quantized directory as the champion, without a registry (`npuflow serve
+    --model DIR`: trying a model, benchmarking the server)."""
+    import hashlib
+
+    from npuflow.runtime.loader import resolve_dtype
+
+    manifest = model_dir / "quant_manifest.json"
+    if not manifest.is_file():
+        raise ConfigError(f"{model_dir} is not a quantized model directory (no quant_manifest.json); "
+                          "run `npuflow quantize` first")
+    backend = get_backend(device)
+    sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    dt = str(resolve_dtype(dtype, backend)).removeprefix("torch.")
+    deployable = Deployable(uri=model_dir.resolve().as_uri(), key="local", name=opts.name, quantized_manifest_sha256=sha,
+                            quantized_key="local", device=device, device_name=backend.device_name(),
+                            runtime=runtime_label(graph), dtype=dt, kernels={}, versions={}, smoke_logits_sha256="")
+    version = registry.ModelVersion(name=opts.name, version="local", aliases=[Alias.CHAMPION], run_id=None,
+                                    tags={Tag.ARTIFACT_SHA256: sha})
+    return ModelPool(opts, resolve=lambda alias: version if alias == Alias.CHAMPION else None,
+                     load=lambda v: load_dir(model_dir, v, deployable, opts), where=str(model_dir))
 
 
 def registry_pool(opts: ServeOptions):

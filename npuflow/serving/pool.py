@@ -202,4 +202,5 @@ def _engine_state(lm: LoadedModel, stall_s: float) -> dict[str, Any]:
     b = lm.batcher
     idle_for = b.stalled_s()
     return {"steps": b.steps, "running": len(b.scheduler.running), "waiting": len(b.scheduler.waiting),
+            "peak_running": b.peak_running,
             "slots": lm.engine.slots, "seconds_without_progress": round(idle_for, 3), "stalled": idle_for > stall_s}

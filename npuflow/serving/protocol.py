@@ -17,11 +17,11 @@ from npuflow.runtime.engine import SEED_MAX
 
 # OpenAI completion fields this server does not implement -> the only value it accepts
 UNSUPPORTED: dict[str, Any] = {
-    "n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None,
+    "repetition_penalty": 1.0, "n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None,
     "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None,
 }
 CHAT_UNSUPPORTED: dict[str, Any] = {
-    "n": 1, "logprobs": False, "top_logprobs": None, "presence_penalty": 0, "frequency_penalty": 0,
+    "repetition_penalty": 1.0, "n": 1, "logprobs": False, "top_logprobs": None, "presence_penalty": 0, "frequency_penalty": 0,
     "logit_bias": None, "tools": None, "tool_choice": None, "response_format": None,
 }
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
@@ -62,6 +62,8 @@ class _Sampling(BaseModel):
     stream: StrictBool = False  # server-sent events, one chunk per text delta, then [DONE]
     stream_options: StreamOptions | None = None
     user: str | None = None  # the caller's id, accepted and not used
+    ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
+    repetition_penalty: float | None = 1.0  # vLLM's extension, declared: only 1.0 (none) is accepted
 
     @field_validator("temperature")
     @classmethod

@@ -28,7 +28,8 @@ log = logging.getLogger("npuflow.fetch")
 SUMS_FILE = "SHA256SUMS"  # `sha256sum` format: "<hex>  <name>" per line
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load can run code from these
 # what a model directory needs; other files (README, images, original/ checkpoints) are not fetched
-WANTED = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", SUMS_FILE)
+WANTED = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja",
+          SUMS_FILE)  # *.jinja: the chat template (transformers 5 saves it beside tokenizer_config.json)
 _COPY_CHUNK = 16 << 20  # bytes per read when copying
 
 

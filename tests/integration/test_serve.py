@@ -338,3 +338,80 @@ def test_rollback_without_previous_fails_with_exit_1_and_changes_nothing(home, t
     assert registry.aliases(c, NAME) == before
     unknown = npuflow("rollback", "no-such-model", cwd=tmp_path)
     assert unknown.returncode == 1 and "no registered model 'no-such-model'" in unknown.stderr
+
+
+# ---- the OpenAI API as the official client uses it; many users at once; clients that leave ----------
+
+
+def test_the_official_openai_client_completes_and_chats_streaming_and_not(home):
+    import openai
+
+    with serving(options()) as (url, _pool):
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        done = oa.completions.create(model=NAME, prompt="the cat", max_tokens=8, temperature=0)
+        assert done.choices[0].text and done.usage.completion_tokens == 8 and done.choices[0].finish_reason == "length"
+        streamed = oa.completions.create(model=NAME, prompt="the cat", max_tokens=8, temperature=0, stream=True,
+                                         stream_options={"include_usage": True})
+        chunks = list(streamed)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+        assert chunks[-1].usage.completion_tokens == 8
+        messages = [{"role": "system", "content": "answer in one sentence"},
+                    {"role": "user", "content": "where does the cat live ?"}]
+        chat = oa.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+        assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+        assert chat.usage.prompt_tokens > 10
+        parts = list(oa.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0,
+                                                stream=True))
+        assert "".join(p.choices[0].delta.content or "" for p in parts) == chat.choices[0].message.content
+        assert parts[-1].choices[0].finish_reason == "length"
+        ids = [m.id for m in oa.models.list().data]
+        assert ids[:2] == [NAME, f"{NAME}@champion"]
+        card = oa.models.retrieve(NAME)
+        assert card.created > 1_600_000_000 and card.owned_by == "npuflow"
+        with pytest.raises(openai.NotFoundError):
+            oa.models.retrieve("gpt-4")
+
+
+def test_concurrent_users_are_decoded_together(home):
+    """16 users at once: the version's engine decodes many of them in the same steps (continuous
+    batching), and each gets the answer it would get alone (greedy)."""
+    with serving(options()) as (url, _pool), httpx.Client() as http:
+        alone = complete(http, url, prompt="the dog", max_tokens=24).json()["choices"][0]["text"]
+        with ThreadPoolExecutor(16) as ex:
+            answers = list(ex.map(lambda i: complete(http, url, prompt="the dog", max_tokens=24), range(16)))
+        assert all(a.status_code == 200 for a in answers)
+        assert {a.json()["choices"][0]["text"] for a in answers} == {alone}
+        engine = http.get(f"{url}/health").json()["champion"]["engine"]
+        assert engine["peak_running"] >= 4 and engine["running"] == 0 and not engine["stalled"]
+
+
+def test_a_client_that_leaves_frees_its_slot_and_others_are_answered(home):
+    """A non-streaming request whose client gives up stops generating at the next step (the slowed
+    challenger would otherwise run 200 steps of 50 ms); a fresh request is then answered."""
+    with serving(options(challenger_alias=Alias.PREVIOUS, challenger_slowdown_ms=50)) as (url, _pool), \
+            httpx.Client() as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(f"{url}/v1/completions", json={"model": f"{NAME}@challenger", "prompt": "the cat",
+                                                     "max_tokens": 200, "temperature": 0}, timeout=1.0)
+        deadline = time.monotonic() + 5
+        while http.get(f"{url}/health").json()["challenger"]["engine"]["running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert http.get(f"{url}/health").json()["challenger"]["engine"]["running"] == 0
+        fresh = complete(http, url, model=f"{NAME}@challenger", max_tokens=3)
+        assert fresh.status_code == 200 and fresh.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"seed": 2**64, "temperature": 1.0}, "seed"),
+    ({"temperature": 1e-30}, "temperature"),
+    ({"prompt": "the cat " * 400}, "max_tokens"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+])
+def test_bad_input_to_the_challenger_is_a_400_and_never_takes_it_out(home, body, param):
+    with serving(options(challenger_alias=Alias.PREVIOUS)) as (url, _pool), httpx.Client() as http:
+        r = complete(http, url, **{"model": f"{NAME}@challenger", **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        health = http.get(f"{url}/health").json()
+        assert health["status"] == "ok" and health["challenger"]["status"] == "serving"
+        assert complete(http, url, model=f"{NAME}@challenger").status_code == 200

@@ -27,7 +27,7 @@ from npuflow.serving.loaded import LoadedModel
 from npuflow.serving.metrics import ServeMetrics
 from npuflow.serving.options import ServeOptions
 from npuflow.serving.pool import ModelPool
-from npuflow.serving.protocol import ApiError
+from npuflow.serving.protocol import ApiError, ChatCompletionRequest
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +195,63 @@ def test_create_answers_with_the_engines_text_usage_and_the_version(serving) -> 
                              "total_tokens": len(ids) + len(expected)}
     assert body["choices"][0]["finish_reason"] == ("length" if len(expected) == 8 else "stop")
     assert lm.in_flight == 0  # released
+
+
+def _greedy_text(lm: LoadedModel, ids: list[int], n: int) -> str:
+    toks = list(stream(Engine(lm.model, 256), ids, SamplingParams(max_tokens=n, stop_token_ids=lm.eos)))
+    return lm.tokenizer.decode(toks, skip_special_tokens=True)
+
+
+def test_a_stop_string_ends_the_text_before_it(serving) -> None:
+    lm = serving.pool.champion.model
+    full = _greedy_text(lm, lm.tokenizer("the cat sees")["input_ids"], 24)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    req, pin = serving.parse({"model": "tiny@champion", "prompt": "the cat sees", "max_tokens": 24, "temperature": 0,
+                              "stop": [stop, "never-appears"]})
+    body = json.loads(asyncio.run(serving.create(req, pin, 0.0)).body)
+    assert body["choices"][0]["text"] == full[: full.index(stop)] and body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_chat_renders_the_chat_template_and_streams_usage_last(serving) -> None:
+    lm = serving.pool.champion.model
+    messages = [{"role": "user", "content": "what color is the apple ?"}]
+    ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    expected = _greedy_text(lm, ids, 10)
+    req, pin = serving.parse({"model": "tiny@champion", "messages": messages, "max_tokens": 10, "temperature": 0},
+                             ChatCompletionRequest)
+    body = json.loads(asyncio.run(serving.create(req, pin, 0.0)).body)
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {"role": "assistant",
+                                                                                    "content": expected}
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    req, pin = serving.parse({"model": "tiny@champion", "messages": messages, "max_tokens": 10, "temperature": 0,
+                              "stream": True, "stream_options": {"include_usage": True}}, ChatCompletionRequest)
+
+    async def events() -> list[str]:
+        resp = await serving.create(req, pin, 0.0)
+        return [chunk async for chunk in resp.body_iterator]
+
+    chunks = asyncio.run(events())
+    assert chunks[-1] == "data: [DONE]\n\n"
+    data = [json.loads(c.removeprefix("data: ")) for c in chunks[:-1]]
+    assert "".join(d["choices"][0]["delta"].get("content") or "" for d in data if d["choices"]) == expected
+    assert data[-1]["choices"] == [] and data[-1]["usage"]["completion_tokens"] > 0
+    assert serving.pool.champion.model.in_flight == 0
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "tiny", "messages": []}, "messages"),
+    ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 1e-30}, "temperature"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+])
+def test_bad_chat_requests_are_400s(serving, body, param) -> None:
+    with pytest.raises(ApiError) as err:
+        serving.parse(body, ChatCompletionRequest)
+    assert (err.value.status, err.value.param) == (400, param)
+
+
+def test_token_id_prompts_outside_the_vocabulary_are_400s(serving) -> None:
+    req, _ = serving.parse({"model": "tiny", "prompt": [1, 2, 10**6]})
+    with pytest.raises(ApiError, match="prompt token ids must be"):
+        serving.prompt_ids(serving.pool.champion.model, req)

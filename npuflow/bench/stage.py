@@ -38,7 +38,7 @@ from npuflow.core.store import Store
 from npuflow.runtime.backends import get_backend
 
 log = logging.getLogger("npuflow.benchmark")
-CODE_VERSION = "benchmark-3"  # 3: the npuflow runtime is timed through the engine
+CODE_VERSION = "benchmark-4"  # 4: timed through the scheduler (continuous batching), as served
 ENERGY_SOURCES = {"cpu": "RAPL package counter", "cuda": "NVML total energy counter",
                   "npu": "npu-smi power sampling"}
 # device name fragment -> npuflow.bench.devices key; only names that pin the variant (an A100 40GB is not an

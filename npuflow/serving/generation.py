@@ -33,7 +33,14 @@ class Run:
         self.completion_tokens = 0
 
     def _put(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+        """Hand an event to the request's event loop (from the engine thread). A loop that is gone means
+        nobody waits for this request any more: it is cancelled instead."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed
+            self.cancelled = True
+            if self.seq is not None:
+                self.seq.cancelled = True
 
     def cancel(self) -> None:
         """Stop generating: the slot is free at the engine's next step."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from npuflow.runtime.engine import Engine, SamplingParams
 from npuflow.runtime.loader import load_quantized, load_tokenizer
 from npuflow.runtime.scheduler import stream
 from npuflow.serving.completions import ServingCompletions
-from npuflow.serving.generation import Batcher
+from npuflow.serving.generation import Batcher, Run
 from npuflow.serving.loaded import LoadedModel
 from npuflow.serving.metrics import ServeMetrics
 from npuflow.serving.options import ServeOptions
@@ -255,3 +256,21 @@ def test_token_id_prompts_outside_the_vocabulary_are_400s(serving) -> None:
     req, _ = serving.parse({"model": "tiny", "prompt": [1, 2, 10**6]})
     with pytest.raises(ApiError, match="prompt token ids must be"):
         serving.prompt_ids(serving.pool.champion.model, req)
+
+
+def test_an_engine_thread_outlives_a_request_whose_event_loop_is_gone(serving) -> None:
+    """Tokens for a request nobody waits for (its loop closed) cancel it; the engine goes on serving."""
+    lm = serving.pool.champion.model
+
+    async def leave_after_first_token() -> None:
+        run = Run(lm.batcher, lm.tokenizer("the cat")["input_ids"], SamplingParams(max_tokens=200))
+        lm.batcher.submit(run)
+        assert (await run.next())[0] == "token"  # the loop closes with the run still generating
+
+    asyncio.run(leave_after_first_token())
+    deadline = time.monotonic() + 10
+    while lm.batcher.busy() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not lm.batcher.busy() and lm.batcher._thread.is_alive()
+    req, pin = serving.parse({"model": "tiny@champion", "prompt": "the dog", "max_tokens": 4, "temperature": 0})
+    assert json.loads(asyncio.run(serving.create(req, pin, 0.0)).body)["usage"]["completion_tokens"] == 4

@@ -167,9 +167,10 @@ class Engine:
     @torch.inference_mode()
     def step(self, start: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens, positions (B, T) for slots start..start+B-1 -> logits (B, V) of each row's last token."""
-        if int(positions.max()) >= self.max_len:
+        last = int(positions.max())
+        if last >= self.max_len:
             raise ValueError(f"the engine's cache holds {self.max_len} tokens a sequence; generation went past it")
-        kv_len = min(self.max_len, bucket(int(positions.max()) + 1, KV_BUCKET))
+        kv_len = min(self.max_len, bucket(last + 1, KV_BUCKET))
         self.cache.begin_step(start, positions, kv_len)
         # (B, 1, T, kv_len): row b's token t sees the positions up to its own (stale slot data lies beyond)
         mask = torch.arange(kv_len, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]

@@ -5,8 +5,10 @@ version), loads each version's quantized weights from the artifact store, and pi
 by weight. `create_app(pool)` is the FastAPI app around it
 (routes in npuflow.serving.routes, completions in npuflow.serving.completions):
 
-  POST /v1/completions   OpenAI completions (prompt: str, max_tokens, temperature, top_p, seed, stream)
-  GET  /v1/models        the model ids a request may name: NAME (weighted), NAME@champion, NAME@challenger
+  POST /v1/completions        OpenAI completions (prompt: text or token ids, max_tokens, temperature, top_p,
+                              seed, stop, stream, stream_options)
+  POST /v1/chat/completions   OpenAI chat (messages through the tokenizer's chat template; the same options)
+  GET  /v1/models[/{id}]      the model ids a request may name: NAME (weighted), NAME@champion, NAME@challenger
   GET  /health           versions served, weights, why a challenger is out of rotation (no auth)
   GET  /metrics          Prometheus text, labelled per model version (no auth)
   POST /admin/weights    {"champion": 90, "challenger": 10}: relative routing weights, >= 0
@@ -15,7 +17,8 @@ by weight. `create_app(pool)` is the FastAPI app around it
 Guarantees: the champion is never dropped to load a challenger (a new champion is loaded beside the old
 one and swapped in; if it fails the old one keeps serving); a challenger that fails to load or to answer
 is taken out of rotation (weight 0, the reason in /health) and its request is answered by the champion.
-Inference runs in a worker thread with one lock per model, so the event loop keeps answering.
+Each version's engine runs in its own thread with continuous batching (npuflow.serving.generation), so
+the event loop keeps answering.
 """
 
 from __future__ import annotations

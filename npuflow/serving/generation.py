@@ -30,7 +30,6 @@ class Run:
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.seq: Sequence | None = None  # set on the engine thread when admitted to the scheduler
         self.cancelled = False
-        self.completion_tokens = 0
 
     def _put(self, kind: str, value: Any) -> None:
         """Hand an event to the request's event loop (from the engine thread). A loop that is gone means
@@ -56,18 +55,15 @@ class Run:
 class Batcher:
     """The engine thread of one loaded version: admits submitted runs and steps the scheduler."""
 
-    def __init__(self, engine: Engine, label: str, slowdown_s: float = 0.0, max_request_s: float = 600.0,
-                 on_token=None):
+    def __init__(self, engine: Engine, label: str, slowdown_s: float = 0.0, max_request_s: float = 600.0):
         self.engine, self.label = engine, label
         self.scheduler = Scheduler(engine)
         self.slowdown_s = slowdown_s  # seconds slept per step: a measurably slow version for rehearsals
         self.max_request_s = max_request_s  # a generation running longer is stopped ("timeout")
-        self.on_token = on_token  # (seconds since submit of the first token | since last token, first?) hook
         self._inbox: queue.SimpleQueue[Run] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
         self.last_progress = time.monotonic()  # last step finished (or idle wait began)
-        self.steps = 0
         self.peak_running = 0  # most sequences decoded together so far
         self._thread = threading.Thread(target=self._loop, name=f"npuflow-engine-v{label}", daemon=True)
         self._thread.start()
@@ -99,7 +95,6 @@ class Batcher:
                 continue
 
             def token(seq: Sequence, tok: int, run: Run = run) -> None:
-                run.completion_tokens += 1
                 run._put("token", tok)
 
             def finish(seq: Sequence, run: Run = run) -> None:
@@ -134,7 +129,6 @@ class Batcher:
             except Exception as err:  # the model failed: every request on it gets the error, the thread goes on
                 log.exception("engine step failed on version %s", self.label)
                 self.scheduler.fail_all(f"{type(err).__name__}: {err}")
-            self.steps += 1
             self.peak_running = max(self.peak_running, len(self.scheduler.running))
             self.last_progress = time.monotonic()
             if self.slowdown_s:

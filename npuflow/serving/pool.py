@@ -201,6 +201,6 @@ def _engine_state(lm: LoadedModel, stall_s: float) -> dict[str, Any]:
     """What the version's engine thread is doing; stalled: it has work and made no step for stall_s."""
     b = lm.batcher
     idle_for = b.stalled_s()
-    return {"steps": b.steps, "running": len(b.scheduler.running), "waiting": len(b.scheduler.waiting),
+    return {"steps": b.scheduler.steps, "running": len(b.scheduler.running), "waiting": len(b.scheduler.waiting),
             "peak_running": b.peak_running,
             "slots": lm.engine.slots, "seconds_without_progress": round(idle_for, 3), "stalled": idle_for > stall_s}

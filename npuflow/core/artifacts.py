@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from npuflow.core.errors import IntegrityError
+from npuflow.core.paths import check_names, confined
 from npuflow.core.store import Store
 
 MANIFEST = "manifest.json"
@@ -96,6 +97,7 @@ class Deployable(_Manifest):
     smoke_logits_sha256: str  # fingerprint of the smoke forward pass (first 8 logits, rounded)
     files: dict[str, FileEntry] = Field(default_factory=dict)  # offline model files (offline/...), if any
     offline: dict[str, Any] | None = None  # offline_manifest.json: ONNX check, ATC status or command
+    engine: str = "npuflow"  # the serving engine that loads it: npuflow (in process) or vllm (older manifests: npuflow)
 
 
 class GateResult(BaseModel):
@@ -182,16 +184,18 @@ def load_manifest(store: Store, key: str, cls: type[M]) -> M | None:
         return None
     try:
         data = json.loads(store.read_bytes(mkey))
-        return cls.model_validate({**data, "uri": store.url(key)}).model_copy(update={"cache_hit": True})
+        found = cls.model_validate({**data, "uri": store.url(key)}).model_copy(update={"cache_hit": True})
     except (ValueError, TypeError) as err:
         raise IntegrityError(
             f"corrupt manifest {store.url(mkey)}: {err}; delete that prefix and re-run the stage"
         ) from None
+    check_names(getattr(found, "files", None) or {}, source=f"the manifest {store.url(mkey)}")
+    return found
 
 
 def hash_dir(root: Path, names: Iterable[str] | None = None) -> dict[str, FileEntry]:
     """FileEntry for each file (relative POSIX name) under root, manifest excluded."""
-    paths = [root / n for n in names] if names is not None else sorted(p for p in root.rglob("*") if p.is_file())
+    paths = [confined(root, n, source=f"the file list for {root}") for n in names] if names is not None else sorted(p for p in root.rglob("*") if p.is_file())
     return {
         p.relative_to(root).as_posix(): FileEntry(sha256=sha256_file(p), size=p.stat().st_size)
         for p in paths
@@ -207,7 +211,9 @@ def publish(store: Store, manifest: M, local_dir: Path | None = None) -> M:
     """
     if local_dir is not None:
         files: dict[str, FileEntry] = getattr(manifest, "files", {}) or {}
-        for name in files or [p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file()]:
+        names = list(files) or [p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file()]
+        check_names(names, source=f"the {manifest.key} manifest")  # all refused before the first upload
+        for name in names:
             store.upload_file(f"{manifest.key}/{name}", local_dir / name)
     store.write_bytes(f"{manifest.key}/{MANIFEST}", manifest.manifest_bytes())
     return manifest
@@ -215,6 +221,7 @@ def publish(store: Store, manifest: M, local_dir: Path | None = None) -> M:
 
 def verify_files(root: Path, files: dict[str, FileEntry]) -> None:
     """Raise IntegrityError naming the first file whose size or sha256 differs."""
+    check_names(files, source=f"the file list for {root}")
     for name, entry in files.items():
         p = root / name
         if not p.is_file():
@@ -232,6 +239,7 @@ def materialize(store: Store, key: str, files: dict[str, FileEntry], cache_root:
     A local store is read in place (verified once per process); an S3 store is downloaded once into
     cache_root/<key> and re-used while sizes and hashes match.
     """
+    check_names(files, source=f"the manifest of {store.url(key)}")  # before any read or download
     local = store.local_path(key)
     if local is not None:
         _verify_once(local, files)

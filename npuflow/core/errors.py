@@ -36,3 +36,9 @@ class StoreError(NpuflowError):
 
 class DriftError(NpuflowError):
     """The nightly check found the champion worse than recorded beyond tolerance: the run fails (the alert)."""
+
+
+class UnsafeNameError(NpuflowError):
+    """A name read from a file (index shard, manifest entry, listed key) leads outside its directory."""
+
+    exit_code = 2

@@ -11,7 +11,8 @@ from typing import Protocol
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from npuflow.core.errors import ConfigError, NpuflowError, StoreError
+from npuflow.core.errors import ConfigError, NpuflowError, StoreError, UnsafeNameError
+from npuflow.core.paths import check_name
 
 MULTIPART_THRESHOLD = 64 << 20  # bytes: larger files go up in parts
 MULTIPART_CHUNK = 64 << 20  # bytes per part (S3 allows 10,000 parts: 640 GB per file)
@@ -30,11 +31,15 @@ class Store(Protocol):
     def local_path(self, key: str) -> Path | None: ...
 
 
+class InvalidKeyError(UnsafeNameError, ValueError):
+    """A store key that would lead outside the store root (or is empty); also a ValueError, as before."""
+
+
 def _check_key(key: str) -> str:
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"invalid store key {key!r}")
-    return key
+    try:
+        return check_name(key, source="the store key")
+    except UnsafeNameError as err:
+        raise InvalidKeyError(f"invalid store key {key!r}: {err}") from None
 
 
 class LocalStore:
@@ -213,6 +218,8 @@ class S3Store:
                 out.update({obj["Key"][len(full):]: obj["Size"] for obj in page.get("Contents", [])})
         except (ClientError, BotoCoreError) as err:
             raise StoreError(f"listing s3://{self.bucket}/{full} failed: {err}") from None
+        for name in out:  # a listed key becomes a local path: none may lead outside the prefix
+            check_name(name, source=f"the listing of s3://{self.bucket}/{full}")
         return dict(sorted(out.items()))
 
     def list_keys(self, prefix: str) -> list[str]:

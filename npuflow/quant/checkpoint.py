@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from npuflow.core.errors import NpuflowError
+from npuflow.core.paths import confined
 
 QUANT_MANIFEST = "quant_manifest.json"
 INDEX = "model.safetensors.index.json"
@@ -18,10 +19,21 @@ HEAD_AND_EMBED = ("lm_head.weight", "model.embed_tokens.weight")  # quantized on
 
 
 def shard_names(model_dir: Path) -> list[str]:
-    """The checkpoint's safetensors files in order; every file the index names must exist."""
+    """The checkpoint's safetensors files in order; every file the index names must exist.
+
+    Each name stays inside model_dir (no `..` part, no absolute path): a crafted index
+    is refused here, before any shard is read or any output written.
+    """
     if (model_dir / INDEX).is_file():
-        index = json.loads((model_dir / INDEX).read_text())
-        shards = sorted(set(index["weight_map"].values()))
+        try:
+            index = json.loads((model_dir / INDEX).read_text())
+            weight_map = index["weight_map"]
+            shards = sorted(set(weight_map.values()), key=str)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise NpuflowError(f"{model_dir / INDEX} is not a valid safetensors index ({err!r}); "
+                               "re-fetch the model") from None
+        for s in shards:
+            confined(model_dir, s, source=str(model_dir / INDEX))
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
             raise NpuflowError(f"{INDEX} names shards that are missing: {', '.join(missing)}; re-fetch the model")

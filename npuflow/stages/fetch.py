@@ -21,6 +21,7 @@ from npuflow.core.artifacts import (
 )
 from npuflow.core.config import SourceConfig
 from npuflow.core.errors import ConfigError, IntegrityError, NpuflowError
+from npuflow.core.paths import check_name, confined
 from npuflow.core.store import S3Store, Store, file_uri_path
 
 log = logging.getLogger("npuflow.fetch")
@@ -89,6 +90,18 @@ def _copy_with_hash(read, dest: Path, total: int | None, label: str) -> str:
             out.write(chunk)
             bar.update(len(chunk))
     return h.hexdigest()
+
+
+def _check_index(path: Path, source: str) -> None:
+    """A *.safetensors.index.json whose weight_map names a file outside the model directory is refused."""
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+        names = set(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise NpuflowError(f"{path.name} from {source} is not a valid safetensors index ({err!r}): nothing "
+                           "was published; re-publish the model") from None
+    for name in sorted(names, key=str):
+        check_name(name, source=f"{path.name} from {source}")
 
 
 def _check(f: SourceFile, actual_sha256: str, path: Path, source: str) -> None:
@@ -229,11 +242,13 @@ def fetch(cfg: SourceConfig, name: str, store: Store) -> ModelArtifact:
     with staging_dir("fetch") as tmp:
         stage = Path(tmp)
         entries: dict[str, FileEntry] = {}
-        for f in files:
-            dest = stage / f.name
+        for f in sorted(files, key=lambda f: not f.name.endswith(".json")):  # indexes checked before weights
+            dest = confined(stage, f.name, source=f"the listing of {cfg.uri}")
             dest.parent.mkdir(parents=True, exist_ok=True)
             actual = src.copy(f, dest)
             _check(f, actual, dest, cfg.uri)
+            if f.name.endswith(".safetensors.index.json"):
+                _check_index(dest, cfg.uri)
             entries[f.name] = FileEntry(sha256=actual, size=dest.stat().st_size)
         files = [SourceFile(n, e.size, e.sha256) for n, e in entries.items()]
         cached = _cached(store, name, files) if not known else None

@@ -44,7 +44,7 @@ def release(config: RunConfig) -> ReleaseResult:
     # ---- build and measure ----
     model = fetch_task(config.source, config.name, store)
     quantized = quantize_task(model, config.quantization, store, cache, config.validation)
-    deployable = convert_task(quantized, config.convert, store, cache)
+    deployable = convert_task(quantized, config.convert, store, cache, config.serving)
     validation = validate_task(model, deployable, config.validation, store, cache)
     bench = benchmark_task(deployable, config.benchmark, store, cache) if validation.passed else None
 

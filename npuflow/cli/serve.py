@@ -32,6 +32,12 @@ def serve(config: Annotated[Path | None, typer.Argument(
               envvar="NPUFLOW_SERVE_TOKEN", show_envvar=True,
               help="Bearer token required on /v1 and /admin (default: none).")] = None,
           max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 256,
+          engine: Annotated[str | None, typer.Option(
+              help="With --model: npuflow (in process, default) or vllm (a vLLM child process; "
+                   "W4A16 compressed-tensors on the CPU). With CONFIG the config's `serving:` says.")] = None,
+          vllm_python: Annotated[str | None, typer.Option(
+              help="With --engine vllm: the vLLM interpreter (default .venv-vllm/bin/python: `make vllm`).")]
+          = None,
           ) -> None:
     """Serve the champion (and a challenger) from the registry: OpenAI /v1/completions and
     /v1/chat/completions with continuous batching, /health, /metrics."""
@@ -40,7 +46,21 @@ def serve(config: Annotated[Path | None, typer.Argument(
     if (config is None) == (model is None):
         raise ConfigError("give a run CONFIG (serve its registered champion) or --model DIR (a quantized "
                           "directory), not both and not neither")
-    cfg_name = load_config(config).name if config is not None else name
+    from npuflow.core.config import ServingConfig
+
+    run_cfg = load_config(config) if config is not None else None
+    cfg_name = run_cfg.name if run_cfg is not None else name
+    if run_cfg is not None and (engine is not None or vllm_python is not None):
+        raise ConfigError("--engine and --vllm-python go with --model DIR; with a CONFIG its `serving:` "
+                          "section chooses the engine")
+    if engine not in (None, "npuflow", "vllm"):
+        raise ConfigError(f"--engine must be npuflow or vllm, got {engine!r}")
+    if run_cfg is not None:
+        serving_cfg = run_cfg.serving
+    else:
+        if vllm_python is not None and engine != "vllm":
+            raise ConfigError("--vllm-python goes with --engine vllm")
+        serving_cfg = ServingConfig(engine=engine or "npuflow", **({"python": vllm_python} if vllm_python else {}))
     if not 0 <= challenger_weight <= 100:
         raise ConfigError(f"--challenger-weight must be 0..100 (% of traffic), got {challenger_weight:g}")
     from npuflow.core.settings import Settings
@@ -58,9 +78,15 @@ def serve(config: Annotated[Path | None, typer.Argument(
         name=cfg_name, tracking_uri=settings.resolved_tracking_uri, store_uri=settings.resolved_store_uri,
         cache_dir=settings.cache_dir, champion_weight=100 - challenger_weight,
         challenger_weight=challenger_weight, token=token or None, max_tokens_limit=max_tokens, max_batch=max_batch,
+        serving=serving_cfg,
     )
-    pool = directory_pool(opts, model, device, graph=graph) if model is not None else registry_pool(opts)
-    state = pool.reload()  # no champion, or one that fails to load: exit 1 before the socket opens
+    pool = (directory_pool(opts, model, device, graph=graph, engine=serving_cfg.engine) if model is not None
+            else registry_pool(opts))
+    try:
+        state = pool.reload()  # no champion, or one that fails to load: exit 1 before the socket opens
+    except BaseException:
+        pool.close()  # an engine started for one version must not outlive a failed start
+        raise
     chal = state["challenger"]
     logging.getLogger("npuflow.serve").info(
         "serving %s: champion v%s%s on http://%s:%d", cfg_name, state["champion"]["version"],

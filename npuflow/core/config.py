@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from npuflow.core.engines import engine_problem
 from npuflow.core.errors import ConfigError
 
 SOURCE_SCHEMES = ("file://", "s3://", "hf://")
@@ -289,6 +290,32 @@ class RolloutConfig(_Frozen):
         return v
 
 
+class ServingConfig(_Frozen):
+    """Which engine serves this release behind the npuflow router (`npuflow serve`): npuflow's own
+    runtime in process, or vLLM as a child process per served version (or at a URL someone else runs)."""
+
+    engine: Literal["npuflow", "vllm"] = "npuflow"
+    python: str = ".venv-vllm/bin/python"  # vllm: the engine's interpreter (relative: to the working dir); `make vllm`
+    url: str | None = None  # vllm: connect to this engine instead of starting one; `{version}` is replaced
+    tensor_parallel_size: int = Field(1, ge=1)  # vllm --tensor-parallel-size
+    pipeline_parallel_size: int = Field(1, ge=1)  # vllm --pipeline-parallel-size
+    max_model_len: int | None = Field(None, ge=16)  # vllm --max-model-len (default: the model's context)
+    startup_timeout_s: float = Field(300.0, gt=0)  # vllm: its /health must answer within this, seconds
+    extra_args: tuple[str, ...] = ()  # more vllm arguments, verbatim (e.g. --enforce-eager: starts faster)
+    env: dict[str, str] = Field(default_factory=dict)  # more environment for the engine (VLLM_CPU_KVCACHE_SPACE, ...)
+
+    @model_validator(mode="after")
+    def _vllm_only(self) -> ServingConfig:
+        if self.engine == "npuflow":
+            default = ServingConfig.model_construct()
+            touched = sorted(k for k in type(self).model_fields if getattr(self, k) != getattr(default, k))
+            if touched:
+                raise ValueError(f"{', '.join(touched)} configure a vLLM engine: set engine: vllm or delete them")
+        if self.url is not None and not re.fullmatch(r"https?://\S+", self.url):
+            raise ValueError(f"url must be http(s)://HOST:PORT, got {self.url!r}")
+        return self
+
+
 class RunConfig(_Frozen):
     """One release of one model line."""
 
@@ -300,6 +327,15 @@ class RunConfig(_Frozen):
     benchmark: BenchmarkConfig = BenchmarkConfig()
     promotion: PromotionConfig = PromotionConfig()
     rollout: RolloutConfig = RolloutConfig()
+    serving: ServingConfig = ServingConfig()
+
+    @model_validator(mode="after")
+    def _engine_runs_it(self) -> RunConfig:
+        q = self.quantization
+        problem = engine_problem(self.serving.engine, self.convert.device, q.scheme, q.format, self.convert.dtype)
+        if problem is not None:
+            raise ValueError(f"serving: {problem}")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -18,7 +18,9 @@ Guarantees: the champion is never dropped to load a challenger (a new champion i
 one and swapped in; if it fails the old one keeps serving); a challenger that fails to load or to answer
 is taken out of rotation (weight 0, the reason in /health) and its request is answered by the champion.
 Each version's engine runs in its own thread with continuous batching (npuflow.serving.generation), so
-the event loop keeps answering.
+the event loop keeps answering; or, for a release whose deployable names engine vllm, in a vLLM child
+process group (npuflow.serving.vllm_engine) that the router streams from, with the same routing, headers
+and metrics. Shutdown stops every engine.
 """
 
 from __future__ import annotations
@@ -71,7 +73,10 @@ def create_app(pool: ModelPool) -> FastAPI:
         if pool.champion.model is None:
             await run_in_threadpool(pool.reload)
         metrics.served(name, pool)
-        yield
+        try:
+            yield
+        finally:  # shutdown (SIGTERM/SIGINT of `npuflow serve` included): no engine outlives the server
+            await run_in_threadpool(pool.close)
 
     app = FastAPI(title=f"npuflow serve: {name}", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(_VersionHeader, pool=pool)
@@ -102,7 +107,10 @@ def _error_handlers(app: FastAPI) -> None:
 
 
 def run_server(pool: ModelPool, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
-    """Serve until interrupted (the pool is loaded before the socket opens)."""
+    """Serve until interrupted (the pool is loaded before the socket opens); every engine is stopped after."""
     import uvicorn
 
-    uvicorn.run(create_app(pool), host=host, port=port, log_level=log_level, access_log=False)
+    try:
+        uvicorn.run(create_app(pool), host=host, port=port, log_level=log_level, access_log=False)
+    finally:  # also when the socket never opened (the lifespan's shutdown did not run)
+        pool.close()

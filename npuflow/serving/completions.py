@@ -42,6 +42,7 @@ from npuflow.serving.protocol import (
     sse,
     validation_message,
 )
+from npuflow.serving.vllm_engine import RemoteRun
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default
 
@@ -86,6 +87,25 @@ class Generation:
         delta = text[len(self.sent):] if text.startswith(self.sent) and not text.endswith("\ufffd") else ""
         self.sent += delta
         return delta
+
+
+@dataclass
+class RemoteGeneration:
+    """One request's text from a vLLM engine: it detokenizes and applies stop strings itself, so each
+    streamed chunk is handed on as it is (`ids` counts the chunks, one token each)."""
+
+    run: RemoteRun
+    ids: list[int] = field(default_factory=list)
+    sent: str = ""
+    finish: str | None = None
+
+    def add(self, piece: str) -> str:
+        self.ids.append(0)
+        self.sent += piece
+        return piece
+
+    def flush(self) -> str:
+        return ""
 
 
 class ServingCompletions:
@@ -139,7 +159,7 @@ class ServingCompletions:
                 ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         elif isinstance(req.prompt, list):
-            vocab = lm.model.config.vocab_size
+            vocab = lm.vocab_size
             if any(not 0 <= t < vocab for t in req.prompt):
                 raise bad_request(f"prompt token ids must be 0..{vocab - 1} (this model's vocabulary)", "prompt")
             ids = list(req.prompt)
@@ -160,14 +180,22 @@ class ServingCompletions:
         answers. Client errors (ApiError) never count against a version. Returns (role, model, gen, first)."""
         role, lm = self.pool.acquire(pin)
         self.metrics.requests.labels(self.name, lm.label).inc()
-        run = None
+        run: Run | RemoteRun | None = None
         try:
             ids = self.prompt_ids(lm, req)
-            params = SamplingParams(max_tokens=self.max_tokens(req, lm.context - len(ids)), temperature=req.temperature, top_p=req.top_p,
-                                    seed=req.seed,
-                                    stop_token_ids=frozenset() if req.ignore_eos else lm.eos)
-            run = Run(lm.batcher, ids, params)
-            lm.batcher.submit(run)
+            n = self.max_tokens(req, lm.context - len(ids))
+            if lm.remote is not None:  # vLLM: the same prompt ids and sampling, streamed from the engine
+                body = {"max_tokens": n, "temperature": req.temperature, "top_p": req.top_p,
+                        "ignore_eos": req.ignore_eos, **({"seed": req.seed} if req.seed is not None else {}),
+                        **({"stop": req.stop_strings} if req.stop_strings else {})}
+                run = lm.remote.start(ids, body)
+                gen: Generation | RemoteGeneration = RemoteGeneration(run)
+            else:
+                params = SamplingParams(max_tokens=n, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                        stop_token_ids=frozenset() if req.ignore_eos else lm.eos)
+                run = Run(lm.batcher, ids, params)
+                lm.batcher.submit(run)  # type: ignore[union-attr]
+                gen = Generation(lm, run, req.stop_strings)
             first = await run.next()
         except BaseException as err:
             if run is not None:
@@ -182,7 +210,7 @@ class ServingCompletions:
             self.pool.take_out(lm, f"failed to answer: {first[1]}")
             if pin is None:
                 return await self._start(req, Role.CHAMPION, t0)
-        return role, lm, Generation(lm, run, req.stop_strings), first
+        return role, lm, gen, first
 
     async def _deltas(self, lm: LoadedModel, gen: Generation, first, t0: float) -> AsyncIterator[str]:
         """Text deltas until the end; gen.finish holds the reason (or "error: ...") afterwards. Observes
@@ -247,8 +275,11 @@ class ServingCompletions:
         return JSONResponse(body.model_dump(), headers=headers)
 
     @staticmethod
-    def _usage(gen: Generation) -> Usage:
+    def _usage(gen: Generation | RemoteGeneration) -> Usage:
         n_in, n_out = len(gen.run.prompt_ids), len(gen.ids)
+        counted = getattr(gen.run, "usage", None)  # what vLLM counted, when it said
+        if counted and "completion_tokens" in counted:
+            n_out = int(counted["completion_tokens"])
         return Usage(prompt_tokens=n_in, completion_tokens=n_out, total_tokens=n_in + n_out)
 
     async def _events(self, req, lm, gen, deltas, cid: str, created: int) -> AsyncIterator[str]:

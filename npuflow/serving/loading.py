@@ -19,6 +19,7 @@ from npuflow.serving.generation import Batcher
 from npuflow.serving.loaded import LoadedModel
 from npuflow.serving.options import ServeOptions
 from npuflow.serving.pool import ModelPool
+from npuflow.serving.vllm_engine import RemoteEngine, VllmProcess, connect
 
 log = logging.getLogger("npuflow.serve")
 
@@ -51,7 +52,13 @@ def load_version(c, version: registry.ModelVersion, opts: ServeOptions) -> Loade
 def load_dir(model_dir: Path, version: registry.ModelVersion, deployable: Deployable,
              opts: ServeOptions) -> LoadedModel:
     """The quantized model in model_dir on the deployable's device, checked to answer (a prefill and a
-    decode step through its engine; graph mode compiles here), with its engine thread started."""
+    decode step through its engine; graph mode compiles here), with its engine thread started; or, for a
+    deployable served by vLLM, that engine started (or connected to) and checked to answer."""
+    if deployable.engine == "vllm":
+        return load_remote(model_dir, version, deployable, opts)
+    if deployable.engine != "npuflow":
+        raise NpuflowError(f"{version.name} version {version.version}: unknown serving engine "
+                           f"{deployable.engine!r} in its deployable (known: npuflow, vllm)")
     backend = get_backend(deployable.device)
     graph = deployable.runtime == Runtime.NPUFLOW_GRAPH
     model = load_quantized(model_dir, backend, DTYPES[deployable.dtype])  # graph mode: the engine compiles
@@ -68,30 +75,87 @@ def load_dir(model_dir: Path, version: registry.ModelVersion, deployable: Deploy
         raise NpuflowError(f"{version.name} version {version.version} produced NaN/Inf logits when loaded")
     lm = LoadedModel(version=version, deployable=deployable, model=model, tokenizer=tokenizer, engine=engine,
                      batcher=Batcher(engine, version.version, max_request_s=opts.max_request_s),
-                     device=backend.device(), context=context, eos=frozenset(i for i in eos if i is not None))
+                     device=backend.device(), context=context, eos=frozenset(i for i in eos if i is not None),
+                     vocab_size=int(cfg.vocab_size))
     log.info("loaded %s version %s (%s, %s) from %s", version.name, version.version, deployable.device,
              deployable.dtype, model_dir)
     return lm
 
 
-def directory_pool(opts: ServeOptions, model_dir: Path, device: str = "cpu", dtype: str = "auto",
-                   graph: bool = True) -> ModelPool:
-    """A pool serving one quantized directory as the champion, without a registry (`npuflow serve
-    --model DIR`: trying a model, benchmarking the server)."""
-    import hashlib
+def load_remote(model_dir: Path, version: registry.ModelVersion, deployable: Deployable,
+                opts: ServeOptions) -> LoadedModel:
+    """A version served by vLLM: the engine started on model_dir as a child process group (or the one at
+    serving.url connected to), one completion checked; only the tokenizer loads in the router (prompt
+    checks, chat template)."""
+    import json
 
+    cfg = opts.serving
+    hf = json.loads((model_dir / "config.json").read_text())
+    context = min(int(hf.get("max_position_embeddings", 2048)), cfg.max_model_len or 1 << 30)
+    tokenizer = load_tokenizer(model_dir)
+    eos_cfg = hf.get("eos_token_id")
+    eos = [*(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg]), tokenizer.eos_token_id]
+    process = None
+    if cfg.url is not None:
+        url, served = connect(cfg.url, version.version)
+    else:
+        served = f"{version.name}-v{version.version}"
+        process = VllmProcess(cfg, model_dir, served, deployable.device, deployable.dtype, context,
+                              opts.cache_dir / "engines" / f"{served}.log")
+        url = process.start()
+    remote = RemoteEngine(url, served, process, request_timeout_s=opts.max_request_s)
+    try:
+        _probe(url, served, tokenizer.bos_token_id or 0, f"{version.name} version {version.version}")
+    except BaseException:
+        remote.close()
+        raise
+    log.info("serving %s version %s with vLLM at %s (%s, %s) from %s", version.name, version.version, url,
+             deployable.device, deployable.dtype, model_dir)
+    return LoadedModel(version=version, deployable=deployable, model=None, engine=None, batcher=None,
+                       tokenizer=tokenizer, device=torch.device("cpu"), context=context,
+                       eos=frozenset(i for i in eos if i is not None), remote=remote,
+                       vocab_size=int(hf.get("vocab_size", 0)))
+
+
+def _probe(url: str, served: str, token: int, what: str) -> None:
+    """One two-token completion through the engine, or NpuflowError naming what it answered."""
+    import httpx
+
+    try:
+        probe = httpx.post(f"{url}/v1/completions", timeout=120,
+                           json={"model": served, "prompt": [token], "max_tokens": 2})
+    except httpx.HTTPError as err:
+        raise NpuflowError(f"{what}: the vLLM engine at {url} did not answer its first completion: {err}") from None
+    if probe.status_code != 200:
+        raise NpuflowError(f"{what}: the vLLM engine at {url} failed its first completion "
+                           f"({probe.status_code}): {probe.text[:500]}")
+
+
+def directory_pool(opts: ServeOptions, model_dir: Path, device: str = "cpu", dtype: str = "auto",
+                   graph: bool = True, engine: str = "npuflow") -> ModelPool:
+    """A pool serving one quantized directory as the champion, without a registry (`npuflow serve
+    --model DIR [--engine vllm]`: trying a model, benchmarking the server)."""
+    import hashlib
+    import json
+
+    from npuflow.core.engines import engine_dtype, engine_problem
     from npuflow.runtime.loader import resolve_dtype
 
     manifest = model_dir / "quant_manifest.json"
     if not manifest.is_file():
         raise ConfigError(f"{model_dir} is not a quantized model directory (no quant_manifest.json); "
                           "run `npuflow quantize` first")
+    quant = json.loads(manifest.read_text())
+    problem = engine_problem(engine, device, str(quant.get("scheme")), str(quant.get("format", "native")), dtype)
+    if problem is not None:
+        raise ConfigError(f"{model_dir}: {problem}")
     backend = get_backend(device)
     sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
-    dt = str(resolve_dtype(dtype, backend)).removeprefix("torch.")
+    dt = str(resolve_dtype(engine_dtype(engine, device, dtype), backend)).removeprefix("torch.")
     deployable = Deployable(uri=model_dir.resolve().as_uri(), key="local", name=opts.name, quantized_manifest_sha256=sha,
                             quantized_key="local", device=device, device_name=backend.device_name(),
-                            runtime=runtime_label(graph), dtype=dt, kernels={}, versions={}, smoke_logits_sha256="")
+                            runtime=runtime_label(graph), dtype=dt, kernels={}, versions={}, smoke_logits_sha256="",
+                            engine=engine)
     version = registry.ModelVersion(name=opts.name, version="local", aliases=[Alias.CHAMPION], run_id=None,
                                     tags={Tag.ARTIFACT_SHA256: sha})
     return ModelPool(opts, resolve=lambda alias: version if alias == Alias.CHAMPION else None,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from npuflow.core.config import ServingConfig
 from npuflow.core.names import Alias
 
 
@@ -27,6 +28,8 @@ class ServeOptions(BaseModel):
     max_batch: int = Field(16, ge=1, le=256)  # sequences decoded together per version (KV cache slots)
     max_request_s: float = Field(600.0, gt=0)  # a generation running longer is stopped
     stall_s: float = Field(60.0, gt=0)  # /health: an engine with work and no step for this long is stalled
+    serving: ServingConfig = ServingConfig()  # how versions whose deployable says engine vllm are run
+    engine_restarts: int = Field(3, ge=0)  # a champion's vLLM engine that dies is restarted this often in a row
     seed: int = 0  # routing RNG seed (the same seed, the same sequence of choices)
     # Tests and rehearsals only: sleep this long before each token the challenger generates, ms. It makes a
     # challenger measurably slow through the real serving path (no mock) so a canary analysis can fail it.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from npuflow.core.errors import NpuflowError
+from npuflow.core.errors import NpuflowError, RegistryError
 from npuflow.core.names import Alias, Role, Tag
 from npuflow.registry.client import ModelVersion
 from npuflow.serving.loaded import LoadedModel
@@ -69,7 +69,13 @@ class ModelPool:
             name = self.opts.name
             loaded = {s.model.label: s.model for s in (self.champion, self.challenger) if s.model is not None}
             errors: list[str] = []
-            champ_v = self.resolve(Alias.CHAMPION)
+            try:  # both aliases first: a registry that cannot answer changes nothing that serves
+                champ_v, chal_v = self.resolve(Alias.CHAMPION), self.resolve(self.opts.challenger_alias)
+            except RegistryError as err:
+                if self.champion.model is None:
+                    raise
+                self._event("registry unavailable: serving what is loaded", reason=str(err)[:300])
+                return {**self.health(), "errors": [f"registry unavailable, nothing reloaded: {err}"]}
             if champ_v is None:
                 if self.champion.model is None:
                     raise NpuflowError(f"{name} has no `champion` alias in {self.where}: "
@@ -89,7 +95,6 @@ class ModelPool:
                         self.champion = _Slot(Alias.CHAMPION, new, champ_v.version)
                     self._event("champion", version=champ_v.version)
             champion_label = self.champion.model.label  # type: ignore[union-attr]
-            chal_v = self.resolve(self.opts.challenger_alias)
             if chal_v is None or chal_v.version == champion_label:
                 if self.challenger.version is not None:
                     self._event("challenger removed", version=self.challenger.version)
@@ -113,11 +118,50 @@ class ModelPool:
         slow = self.opts.challenger_slowdown_ms / 1000
         serving = {id(m) for _, m in self.served()}
         for role, lm in self.served():
-            lm.batcher.slowdown_s = slow if role == Role.CHALLENGER else 0.0
+            target = lm.batcher if lm.batcher is not None else lm.remote
+            target.slowdown_s = slow if role == Role.CHALLENGER else 0.0  # type: ignore[union-attr]
+            self._watch(lm)
         for lm in before.values():
             if id(lm) not in serving:
-                lm.batcher.close()
+                lm.close()
         self.on_change()
+
+    def _watch(self, lm: LoadedModel) -> None:
+        """Be told when a version's vLLM process exits on its own (once per process)."""
+        proc = lm.remote.process if lm.remote is not None else None
+        if proc is not None and proc.proc is not None and getattr(proc, "_watched", None) is not proc.proc:
+            proc._watched = proc.proc  # type: ignore[attr-defined]
+            proc.watch(lambda reason: self.engine_died(lm, reason))
+
+    def engine_died(self, lm: LoadedModel, reason: str) -> None:
+        """A version's engine is gone: a challenger is taken out of rotation; the champion's engine is
+        restarted (at most opts.engine_restarts times in a row), the attempts logged as pool events."""
+        if self.challenger.model is lm:
+            self.take_out(lm, reason)
+            return
+        if self.champion.model is not lm or lm.remote is None:
+            return
+        self._event("champion engine died", version=lm.label, reason=reason)
+        for attempt in range(1, self.opts.engine_restarts + 1):
+            try:
+                lm.remote.restart()
+            except Exception as err:
+                self._event("champion engine restart failed", version=lm.label, attempt=str(attempt),
+                            reason=str(err)[:300])
+                continue
+            self._event("champion engine restarted", version=lm.label, attempt=str(attempt))
+            self._watch(lm)
+            self.champion.reason = None
+            return
+        lm.remote.state = "dead"
+        self.champion.reason = f"the champion's engine died and did not restart: {reason}"
+
+    def close(self) -> None:
+        """Stop every engine (server shutdown): engine threads, and vLLM process groups waited for."""
+        with self._lock:
+            models = [s.model for s in (self.champion, self.challenger) if s.model is not None]
+        for lm in models:
+            lm.close(wait=True)
 
     def take_out(self, lm: LoadedModel | None, reason: str, version: str | None = None) -> None:
         """Take the challenger out of rotation (weight 0) with the reason; the champion keeps serving."""
@@ -127,7 +171,7 @@ class ModelPool:
             version = version or (lm.label if lm else None)
             self.challenger = _Slot(self.opts.challenger_alias, None, version, reason, _now())
         if lm is not None:
-            lm.batcher.close()  # after the requests it still holds
+            lm.close()  # after the requests it still holds (a vLLM engine is stopped)
         self._event("challenger out of rotation", version=version or "?", reason=reason)
         self.on_change()
 
@@ -189,17 +233,22 @@ class ModelPool:
 
             champ, chal = slot(Role.CHAMPION, self.champion), slot(Role.CHALLENGER, self.challenger)
         stalled = [s for s in (champ, chal) if s and s["engine"] and s["engine"]["stalled"]]
+        down = [s for s in (champ, chal) if s and s["engine"] and not s["engine"].get("alive", True)]
         if stalled:
             return {"status": "stalled", "model": self.opts.name, "champion": champ, "challenger": chal,
                     "weights": eff, "events": list(self.events)}
-        degraded = self.champion.reason is not None or (chal is not None and chal["status"] != "serving")
+        degraded = self.champion.reason is not None or bool(down) or (chal is not None and chal["status"] != "serving")
         return {"status": "degraded" if degraded else "ok", "model": self.opts.name, "champion": champ,
                 "challenger": chal, "weights": eff, "events": list(self.events)}
 
 
 def _engine_state(lm: LoadedModel, stall_s: float) -> dict[str, Any]:
-    """What the version's engine thread is doing; stalled: it has work and made no step for stall_s."""
+    """What the version's engine thread is doing; stalled: it has work and made no step for stall_s. For
+    a vLLM engine: where it is, its state (serving, restarting, dead) and whether its process lives."""
+    if lm.remote is not None:
+        return lm.remote.health()
     b = lm.batcher
+    assert b is not None and lm.engine is not None
     idle_for = b.stalled_s()
     return {"steps": b.scheduler.steps, "running": len(b.scheduler.running), "waiting": len(b.scheduler.waiting),
             "peak_running": b.peak_running,

@@ -18,14 +18,15 @@ from npuflow.core.artifacts import (
     publish,
     staging_dir,
 )
-from npuflow.core.config import ConvertConfig
-from npuflow.core.errors import NpuflowError
+from npuflow.core.config import ConvertConfig, ServingConfig
+from npuflow.core.engines import engine_dtype, engine_problem
+from npuflow.core.errors import ConfigError, NpuflowError
 from npuflow.core.store import Store
 from npuflow.runtime.backends import get_backend
 from npuflow.runtime.loader import load_quantized, resolve_dtype
 
 log = logging.getLogger("npuflow.convert")
-CODE_VERSION = "convert-2"  # 2: optional offline model
+CODE_VERSION = "convert-3"  # 2: optional offline model; 3: the serving engine recorded
 SMOKE_TOKENS = 16  # prompt length of the smoke forward pass
 
 
@@ -39,14 +40,22 @@ def smoke_test(model: torch.nn.Module, vocab_size: int, device: torch.device) ->
     return hashlib.sha256(logits[0, -1, :8].round(decimals=2).cpu().numpy().tobytes()).hexdigest()
 
 
-def convert(quantized: QuantizedArtifact, cfg: ConvertConfig, store: Store, cache_root: Path) -> Deployable:
-    """Check the device first (before any work), then load, smoke-test and publish the descriptor."""
+def convert(quantized: QuantizedArtifact, cfg: ConvertConfig, store: Store, cache_root: Path,
+            serving: ServingConfig | None = None) -> Deployable:
+    """Check the engine and the device first (before any work), then load, smoke-test and publish the
+    descriptor. The deployable records the engine that serves it; for vLLM the weights it loads are the
+    quantized artifact's own files (compressed-tensors, or msmodelslim on Ascend), smoke-tested here with
+    npuflow's loader of the same format."""
+    engine = (serving or ServingConfig()).engine
+    problem = engine_problem(engine, cfg.device, quantized.scheme, quantized.format, cfg.dtype)
+    if problem is not None:
+        raise ConfigError(f"convert: {problem}")
     backend = get_backend(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, backend)
+    dtype = resolve_dtype(engine_dtype(engine, cfg.device, cfg.dtype), backend)
     versions = backend.versions()
     device_name = backend.device_name()
     key = f"models/{quantized.name}/deployable/" + digest(
-        quantized.manifest_sha256, cfg, device_name, versions, CODE_VERSION
+        quantized.manifest_sha256, cfg, device_name, versions, CODE_VERSION, engine
     )[:16]
     found = load_manifest(store, key, Deployable)
     if found is not None:
@@ -59,9 +68,10 @@ def convert(quantized: QuantizedArtifact, cfg: ConvertConfig, store: Store, cach
         uri=store.url(key), key=key, name=quantized.name, quantized_manifest_sha256=quantized.manifest_sha256,
         quantized_key=quantized.key, device=cfg.device, device_name=device_name,
         runtime="npuflow-graph" if cfg.graph else "npuflow-eager", dtype=str(dtype).removeprefix("torch."),
-        kernels=backend.kernels(dtype), versions=versions, smoke_logits_sha256=fingerprint,
+        kernels=backend.kernels(dtype), versions=versions, smoke_logits_sha256=fingerprint, engine=engine,
     )
-    log.info("converted for %s (%s, %s): smoke test passed", cfg.device, device_name, deployable.dtype)
+    log.info("converted for %s (%s, %s, served by %s): smoke test passed", cfg.device, device_name,
+             deployable.dtype, engine)
     if cfg.offline is None:
         return publish(store, deployable)
     from npuflow.runtime.offline import export_onnx

@@ -264,3 +264,54 @@ def test_benchmark_matrix_single_and_list() -> None:
 def test_benchmark_scenarios_said_two_ways_are_refused(body: dict) -> None:
     with pytest.raises(ValueError):
         BenchmarkConfig(**body)
+
+
+# ---------------------------------------------------------------------------------------------- serving engine
+
+
+def _serving(serving: dict, quantization: dict | None = None, convert: dict | None = None) -> dict:
+    return {"name": "t", "source": {"uri": "file:///tmp/model"}, "serving": serving,
+            "quantization": quantization or {}, "convert": convert or {}}
+
+
+def test_serving_defaults_to_the_npuflow_engine() -> None:
+    cfg = parse_config({"name": "t", "source": {"uri": "file:///tmp/model"}})
+    assert cfg.serving.engine == "npuflow"
+    assert flatten(cfg)["serving.engine"] == "npuflow"
+
+
+def test_vllm_on_cpu_with_w4a16_compressed_tensors_is_accepted() -> None:
+    cfg = parse_config(_serving({"engine": "vllm", "extra_args": ["--enforce-eager"], "tensor_parallel_size": 1},
+                                {"scheme": "w4a16", "format": "compressed-tensors"}))
+    assert cfg.serving.extra_args == ("--enforce-eager",)
+
+
+@pytest.mark.parametrize(("quantization", "convert", "needle"), [
+    ({"scheme": "w8a16", "format": "native"}, {"device": "cpu"}, "vLLM CPU has no W8A16 kernel"),
+    ({"scheme": "w8a16", "format": "compressed-tensors"}, {"device": "cpu"}, "scheme: w4a16, format: compressed-tensors"),
+    ({"scheme": "w4a16", "format": "compressed-tensors"}, {"device": "cpu", "dtype": "float32"}, "convert.dtype auto or bfloat16"),
+    ({"scheme": "w4a16", "format": "native"}, {"device": "cuda"}, "scheme: w8a16, format: compressed-tensors"),
+    ({"scheme": "w4a16", "format": "compressed-tensors"}, {"device": "npu"}, "scheme: w8a16, format: msmodelslim"),
+])
+def test_an_engine_scheme_device_triple_vllm_cannot_run_is_refused_naming_what_it_can(
+        quantization: dict, convert: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(_serving({"engine": "vllm"}, quantization, convert))
+    assert needle in str(info.value) and "engine vllm" in str(info.value)
+
+
+def test_vllm_on_cuda_and_ascend_accept_their_formats() -> None:
+    parse_config(_serving({"engine": "vllm"}, {"scheme": "w8a16", "format": "compressed-tensors"}, {"device": "cuda"}))
+    parse_config(_serving({"engine": "vllm"}, {"scheme": "w8a16", "format": "msmodelslim"}, {"device": "npu"}))
+
+
+def test_vllm_settings_without_engine_vllm_are_refused() -> None:
+    with pytest.raises(ConfigError, match="tensor_parallel_size configure a vLLM engine: set engine: vllm"):
+        parse_config(_serving({"tensor_parallel_size": 2}))
+
+
+@pytest.mark.parametrize("serving", [{"engine": "sglang"}, {"engine": "vllm", "url": "ftp://x"},
+                                     {"engine": "vllm", "tensor_parallel_size": 0}, {"engine": "vllm", "gpus": 2}])
+def test_bad_serving_sections_are_refused(serving: dict) -> None:
+    with pytest.raises(ConfigError, match="serving"):
+        parse_config(_serving(serving, {"scheme": "w4a16", "format": "compressed-tensors"}))

@@ -42,3 +42,10 @@ class UnsafeNameError(NpuflowError):
     """A name read from a file (index shard, manifest entry, listed key) leads outside its directory."""
 
     exit_code = 2
+
+
+class RegistryError(NpuflowError):
+    """The MLflow tracking/registry service failed a request (anything but "not found"); worth a retry.
+
+    Reads fail closed: a registry that cannot answer never reads as "no champion yet".
+    """

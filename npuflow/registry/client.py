@@ -21,11 +21,47 @@ from npuflow.core.artifacts import (
     ValidationReport,
 )
 from npuflow.core.config import RunConfig, flatten
-from npuflow.core.errors import IntegrityError, NpuflowError
+from npuflow.core.errors import IntegrityError, NpuflowError, RegistryError
 from npuflow.core.names import Alias, Tag
 
 log = logging.getLogger("npuflow.registry")
 
+# MLflow's answer when a registered model, a version or an alias does not exist. A missing alias is
+# INVALID_PARAMETER_VALUE "Registered model alias X not found." (mlflow 3.17, sqlalchemy and REST stores).
+_NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+
+
+def is_not_found(err: Exception) -> bool:
+    """True only for MLflow's "does not exist" answers; timeouts, 5xx, auth and the rest are not."""
+    code = getattr(err, "error_code", None)
+    if code == _NOT_FOUND:
+        return True
+    return code == "INVALID_PARAMETER_VALUE" and " alias " in f" {err} " and "not found" in str(err)
+
+
+def registry_error(c, what: str, err: Exception) -> RegistryError:
+    """The fail-closed message: which service, what failed, what to check; nothing was changed."""
+    uri = getattr(c, "tracking_uri", None) or "the configured tracking URI"
+    code = getattr(err, "error_code", None) or type(err).__name__
+    return RegistryError(
+        f"MLflow at {uri} failed {what} ({code}: {str(err)[:300]}). The registry's answer is unknown, so "
+        "nothing was decided or changed; check that the MLflow server is up and reachable "
+        "(MLFLOW_TRACKING_URI), its credentials and its database, then re-run"
+    )
+
+
+def _read(c, what: str, call, absent):
+    """call(), or `absent` when MLflow says not found; any other failure is a RegistryError."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return call()
+    except MlflowException as err:
+        if is_not_found(err):
+            return absent
+        raise registry_error(c, what, err) from None
+    except (OSError, ConnectionError, TimeoutError) as err:
+        raise registry_error(c, what, err) from None
 
 
 class ModelVersion(BaseModel):
@@ -156,12 +192,9 @@ def _to_model(v, newly: bool = False) -> ModelVersion:
 
 
 def find_by_artifact(c, name: str, artifact_sha256: str) -> ModelVersion | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = c.search_model_versions(f"name='{name}' and tags.artifact_sha256='{artifact_sha256}'")
-    except MlflowException:
-        return None
+    found = _read(c, f"searching {name} versions by artifact_sha256",
+                  lambda: c.search_model_versions(f"name='{name}' and tags.artifact_sha256='{artifact_sha256}'"),
+                  [])
     return _to_model(min(found, key=lambda v: int(v.version))) if found else None
 
 
@@ -180,16 +213,12 @@ def register(
     description (what a reviewer reads before approving) summarises the gates, the benchmark against the
     current champion and where the run's report is.
     """
-    from mlflow.exceptions import MlflowException
-
     name, sha = deployable.name, deployable.manifest_sha256
     existing = find_by_artifact(c, name, sha)
     if existing is not None:
         log.info("artifact %s… is already registered as %s version %s", sha[:12], name, existing.version)
         return existing
-    try:
-        c.get_registered_model(name)
-    except MlflowException:
+    if _read(c, f"reading registered model {name}", lambda: c.get_registered_model(name), None) is None:
         c.create_registered_model(name, description=f"npuflow model line {name}")
     gates = "passed" if validation.passed else "failed"
     tags = {
@@ -291,26 +320,27 @@ def version_description(
 
 
 def by_alias(c, name: str, alias: str) -> ModelVersion | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return _to_model(c.get_model_version_by_alias(name, alias))
-    except MlflowException:
-        return None
+    """The version `alias` points at; None only when MLflow says the model or alias does not exist."""
+    v = _read(c, f"reading alias {name}@{alias}", lambda: c.get_model_version_by_alias(name, alias), None)
+    return None if v is None else _to_model(v)
 
 
 def run_metrics(c, version: ModelVersion) -> dict[str, float]:
-    return dict(c.get_run(version.run_id).data.metrics) if version.run_id else {}
+    """The metrics of the version's MLflow run; a run that is gone or unreadable is an error, never {}."""
+    if not version.run_id:
+        return {}
+    where = f"run {version.run_id} of {version.name} version {version.version}"
+    run = _read(c, f"reading {where}", lambda: c.get_run(version.run_id), None)
+    if run is None:
+        raise RegistryError(f"{where} no longer exists in MLflow at {getattr(c, 'tracking_uri', '?')}: its "
+                            "metrics cannot be compared; restore the run or re-register the version")
+    return dict(run.data.metrics)
 
 
 def aliases(c, name: str) -> dict[str, str]:
-    """alias -> version for the registered model (empty when it does not exist)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return {k: str(v) for k, v in c.get_registered_model(name).aliases.items()}
-    except MlflowException:
-        return {}
+    """alias -> version for the registered model (empty only when MLflow says it does not exist)."""
+    m = _read(c, f"reading the aliases of {name}", lambda: c.get_registered_model(name), None)
+    return {} if m is None else {k: str(v) for k, v in m.aliases.items()}
 
 
 def set_aliases(c, name: str, wanted: dict[str, str | None]) -> None:

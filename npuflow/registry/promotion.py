@@ -92,6 +92,19 @@ def apply_promotion(c, candidate: ModelVersion, decision: PromotionDecision, app
     return before
 
 
+def promote(c, candidate: ModelVersion, tol: PromotionConfig, tpot_regression_pct: float,
+            approved_by: str) -> PromotionDecision:
+    """Read the champion (fail closed: a registry error raises, it never reads as "no champion"), decide,
+    record and apply. Nothing is written when a read fails."""
+    from npuflow.registry.client import by_alias, run_metrics
+
+    champion = by_alias(c, candidate.name, Alias.CHAMPION)
+    decision = decide_promotion(candidate, run_metrics(c, candidate), champion,
+                                run_metrics(c, champion) if champion else {}, tol, tpot_regression_pct)
+    apply_promotion(c, candidate, decision, approved_by=approved_by)
+    return decision
+
+
 # ---- canary analysis (pure): one stage's challenger statistics against its SLOs and the champion ------
 
 

@@ -79,12 +79,8 @@ def rollback(c, name: str, reason: str, actor: str) -> RollbackResult:
 
 
 def _version(c, name: str, version: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return c.get_model_version(name, version)
-    except MlflowException:
-        return None
+    """The MLflow model version, None only when MLflow says it does not exist."""
+    return registry._read(c, f"reading {name} version {version}", lambda: c.get_model_version(name, version), None)
 
 
 def _finish_aliases(c, name: str, champion: str, rolled_back: str) -> None:

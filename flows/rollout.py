@@ -62,7 +62,7 @@ def rollout(config: RunConfig, server_url: str | None = None) -> RolloutRecord:
     with ExitStack() as stack:
         url = server_url or stack.enter_context(embedded_server(ServeOptions(
             name=config.name, tracking_uri=settings.resolved_tracking_uri, store_uri=settings.resolved_store_uri,
-            cache_dir=settings.cache_dir, champion_weight=100, challenger_weight=0)))
+            cache_dir=settings.cache_dir, champion_weight=100, challenger_weight=0, serving=config.serving)))
 
         def stop(state: str, reason: str):
             rollback_task(url, candidate, state, reason)

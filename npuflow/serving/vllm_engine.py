@@ -39,6 +39,7 @@ from npuflow.core.engines import ENGINE_ARGS
 from npuflow.core.errors import ConfigError, NpuflowError
 
 log = logging.getLogger("npuflow.serve")
+REPO = Path(__file__).resolve().parents[2]  # the checkout of an editable install
 STOP_GRACE_S = 20.0  # SIGTERM, then SIGKILL after this long
 # Runs under the engine's interpreter (npuflow is not installed there): start the command in this
 # process group (the session leader is this guard), kill the group when fd argv[1] reads EOF.
@@ -84,14 +85,15 @@ def free_port() -> int:
 
 
 def resolve_python(cfg: ServingConfig) -> Path:
-    """The engine's interpreter (relative paths against the working directory), or a ConfigError."""
-    py = Path(cfg.python).expanduser()
-    if not py.is_absolute():
-        py = Path.cwd() / py
-    if not (py.is_file() and os.access(py, os.X_OK)):
-        raise ConfigError(f"serving.python {cfg.python!r}: no vLLM interpreter at {py}; run `make vllm` (builds "
-                          ".venv-vllm from infra/vllm/requirements.txt) or point serving.python at one")
-    return py
+    """The engine's interpreter, or a ConfigError. A relative path is tried against the working directory,
+    then against the checkout npuflow runs from (where `make vllm` builds .venv-vllm)."""
+    given = Path(cfg.python).expanduser()
+    tried = [given] if given.is_absolute() else [Path.cwd() / given, REPO / given]
+    for py in tried:
+        if py.is_file() and os.access(py, os.X_OK):
+            return py
+    raise ConfigError(f"serving.python {cfg.python!r}: no vLLM interpreter at {' or '.join(map(str, tried))}; run "
+                      "`make vllm` (builds .venv-vllm from infra/vllm/requirements.txt) or point serving.python at one")
 
 
 def group_alive(pgid: int) -> bool:

@@ -136,7 +136,7 @@ def bad_inputs_leave_the_challenger_in_rotation(http: httpx.Client, url: str) ->
 
 
 def test_npuflow_champion_and_vllm_challenger_canary_promote_rollback_and_no_orphan(home, tmp_path):
-    with serving(vllm_options(champion_weight=50, challenger_weight=50)) as (url, pool), httpx.Client() as http:
+    with serving(vllm_options(champion_weight=50, challenger_weight=50)) as (url, _pool), httpx.Client() as http:
         health = http.get(f"{url}/health").json()
         assert health["champion"]["engine"].get("kind") != "vllm" and health["challenger"]["version"] == "2"
         pgid = engine_group(health, "challenger")
@@ -164,7 +164,7 @@ def test_npuflow_champion_and_vllm_challenger_canary_promote_rollback_and_no_orp
 
 
 def test_a_slow_vllm_challenger_fails_the_canary_and_its_engine_dies_with_the_server(home):
-    with serving(vllm_options(challenger_slowdown_ms=400)) as (url, pool):
+    with serving(vllm_options(challenger_slowdown_ms=400)) as (url, _pool):
         pgid = engine_group(httpx.get(f"{url}/health").json(), "challenger")
         with pytest.raises(RolloutFailedError, match=r"rolled_back.*tpot p95"):
             rollout(config([{"name": "canary", "weight": 50, **QUICK, "slo": TPOT_LIMIT}]), server_url=url)
@@ -175,7 +175,7 @@ def test_a_slow_vllm_challenger_fails_the_canary_and_its_engine_dies_with_the_se
 
 
 def test_a_challenger_engine_that_dies_leaves_rotation_and_the_champion_answers(home):
-    with serving(vllm_options(champion_weight=50, challenger_weight=50)) as (url, pool), httpx.Client() as http:
+    with serving(vllm_options(champion_weight=50, challenger_weight=50)) as (url, _pool), httpx.Client() as http:
         pgid = engine_group(http.get(f"{url}/health").json(), "challenger")
         os.killpg(pgid, 9)
         deadline = time.monotonic() + 30

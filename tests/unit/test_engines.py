@@ -147,3 +147,76 @@ def test_the_engine_table() -> None:
     assert engine_problem("vllm", "cpu", "w4a16", "compressed-tensors") is None
     assert engine_dtype("vllm", "cpu", "auto") == "bfloat16" and engine_dtype("npuflow", "cpu", "auto") == "auto"
     assert "known: npuflow, vllm" in engine_problem("tgi", "cpu", "w4a16", "native")
+
+
+# ---- the pool's handling of an engine that dies (stand-in engines, real process groups) -----------------
+
+
+def remote_pool(tmp_path: Path, engine_restarts: int = 3):
+    from npuflow.core.artifacts import Deployable
+    from npuflow.registry.client import ModelVersion
+    from npuflow.serving.loaded import LoadedModel
+    from npuflow.serving.options import ServeOptions
+    from npuflow.serving.pool import ModelPool
+    from npuflow.serving.vllm_engine import RemoteEngine
+
+    aliases = {"champion": "1", "candidate": "2"}
+
+    def resolve(alias: str):
+        v = aliases.get(alias)
+        return None if v is None else ModelVersion(name="m", version=v, aliases=[alias], run_id=None, tags={})
+
+    def load(version):
+        proc = fake(tmp_path / f"v{version.version}")
+        d = Deployable(uri="file:///x", key="k", name="m", quantized_manifest_sha256="s", quantized_key="q",
+                       device="cpu", device_name="cpu", runtime="npuflow-eager", dtype="bfloat16", kernels={},
+                       versions={}, smoke_logits_sha256="", engine="vllm")
+        return LoadedModel(version=version, deployable=d, model=None, engine=None, batcher=None, tokenizer=None,
+                           device=None, context=256, eos=frozenset(), remote=RemoteEngine(proc.start(), "m", proc))
+
+    opts = ServeOptions(name="m", tracking_uri="sqlite://", store_uri="file:///x", cache_dir=tmp_path,
+                        engine_restarts=engine_restarts)
+    pool = ModelPool(opts, resolve, load)
+    pool.reload()
+    return pool
+
+
+def wait_for(cond, within_s: float = 30) -> bool:
+    deadline = time.monotonic() + within_s
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return cond()
+
+
+def test_a_dead_challenger_engine_leaves_rotation_and_a_dead_champion_engine_is_restarted(tmp_path) -> None:
+    pool = remote_pool(tmp_path)
+    try:
+        champ, chal = pool.champion.model, pool.challenger.model
+        chal_pgid, champ_pgid = chal.remote.process.proc.pid, champ.remote.process.proc.pid
+        os.killpg(chal_pgid, signal.SIGKILL)
+        assert wait_for(lambda: pool.challenger.model is None)
+        assert "exited" in pool.health()["challenger"]["reason"] and pool.effective_weights()["challenger"] == 0
+        assert wait_for(lambda: not group_alive(chal_pgid))
+
+        os.killpg(champ_pgid, signal.SIGKILL)
+        assert wait_for(lambda: any(e["event"] == "champion engine restarted" for e in pool.events))
+        assert pool.champion.model is champ and champ.remote.alive() and champ.remote.restarts == 1
+        assert champ.remote.process.proc.pid != champ_pgid and pool.health()["champion"]["engine"]["alive"]
+        new_pgid = champ.remote.process.proc.pid
+    finally:
+        pool.close()
+    assert not group_alive(new_pgid)
+
+
+def test_a_champion_engine_that_will_not_restart_is_reported(tmp_path) -> None:
+    pool = remote_pool(tmp_path, engine_restarts=1)
+    try:
+        champ = pool.champion.model
+        champ.remote.process.mode = "crash"  # every start from now on fails
+        os.killpg(champ.remote.process.proc.pid, signal.SIGKILL)
+        assert wait_for(lambda: champ.remote.state == "dead")
+        health = pool.health()
+        assert health["status"] == "degraded" and "did not restart" in pool.champion.reason
+        assert [e["event"] for e in pool.events][-2:] == ["champion engine died", "champion engine restart failed"]
+    finally:
+        pool.close()

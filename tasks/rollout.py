@@ -12,6 +12,7 @@ from npuflow.core.config import StageConfig
 from npuflow.core.errors import NpuflowError
 from npuflow.core.names import Alias, Tag
 from npuflow.core.settings import Settings
+from npuflow.registry import approval
 from npuflow.registry import client as registry
 from npuflow.registry.promotion import PromotionDecision, apply_promotion
 from npuflow.serving import canary
@@ -35,7 +36,12 @@ def _client():
 
 @task(name="resolve-versions", cache_policy=NONE)
 def resolve_versions_task(name: str) -> tuple[registry.ModelVersion, registry.ModelVersion]:
-    """The candidate (challenger) and the champion; a rollout needs both, and two different versions."""
+    """The candidate (challenger) and the champion; a rollout needs both, and two different versions.
+
+    A rolled-back candidate is refused. This rollout attempt is recorded on the candidate (its tag
+    `rollout_attempt`, also in the returned version's tags) and any earlier approval is voided."""
+    from prefect.runtime import flow_run
+
     c = _client()
     cand, champ = registry.by_alias(c, name, Alias.CANDIDATE), registry.by_alias(c, name, Alias.CHAMPION)
     if cand is None or champ is None:
@@ -43,6 +49,11 @@ def resolve_versions_task(name: str) -> tuple[registry.ModelVersion, registry.Mo
                            f"have {sorted(registry.aliases(c, name))}")
     if cand.version == champ.version:
         raise NpuflowError(f"{name}: the candidate (version {cand.version}) already is the champion")
+    approval.refuse_rolled_back(cand)
+    cand = approval.begin_attempt(c, cand, approval.new_attempt_id(flow_run.get_id()))
+    get_run_logger().info("rollout attempt %s for %s v%s (an approval counts for this attempt only: tag "
+                          "approved=true on the version, or the typed form)", cand.tags[approval.ROLLOUT_ATTEMPT],
+                          name, cand.version)
     return cand, champ
 
 
@@ -89,16 +100,19 @@ def rollback_task(url: str, candidate: registry.ModelVersion, state: str, reason
 
 @task(name="record-approval", cache_policy=NONE)
 def record_approval_task(candidate: registry.ModelVersion, approved: bool, reviewer: str, comment: str) -> None:
-    registry.tag_version(_client(), candidate, {Tag.APPROVED: "true" if approved else "false",
-                                                "approved_by": reviewer, Tag.APPROVAL_COMMENT: comment[:4900]})
+    """The answer, bound to the attempt recorded on `candidate` by resolve_versions_task."""
+    approval.record_approval(_client(), candidate, candidate.tags.get(approval.ROLLOUT_ATTEMPT, "unrecorded"),
+                             approved, reviewer, comment)
 
 
 @task(name="approved-in-registry", cache_policy=NONE)
 def registry_approval_task(candidate: registry.ModelVersion) -> str | None:
-    """The reviewer recorded on the version when someone set its tag `approved=true`, else None."""
-    v = registry.by_alias(_client(), candidate.name, Alias.CANDIDATE)
-    tags = v.tags if v is not None and v.version == candidate.version else candidate.tags
-    return tags.get(Tag.APPROVED_BY, "registry tag approved=true") if tags.get(Tag.APPROVED) == "true" else None
+    """The reviewer when someone set the version's tag `approved=true` during this rollout attempt, else
+    None; an approval from an earlier attempt never counts (read fresh from the registry)."""
+    attempt = candidate.tags.get(approval.ROLLOUT_ATTEMPT)
+    if attempt is None:
+        return None  # not begun by resolve_versions_task: nothing can be bound to it
+    return approval.approval_for(_client(), candidate, attempt)
 
 
 @task(name="promote-rollout", cache_policy=NONE)

@@ -165,3 +165,57 @@ def test_rollout_strategy_leaves_a_passing_candidate_for_the_staged_rollout() ->
     assert worse.action == "keep_champion"  # the tolerances still decide first
     first = decide_promotion(CANDIDATE, dict(CHAMP_METRICS), None, {}, staged, TPOT_PCT)
     assert first.action == "promote"  # no champion to stage against
+
+
+# ---- approval bound to its rollout attempt; a rolled-back version is not rolled out again (issue 13 hole 11)
+
+
+@pytest.fixture
+def registry_line(npuflow_home, prefect_harness):
+    """champion v1, candidate v2 in the embedded sqlite MLflow (NPUFLOW_HOME)."""
+    from npuflow.core.settings import Settings
+    from npuflow.registry import client as registry
+
+    c = registry.client(Settings().resolved_tracking_uri)
+    c.create_registered_model("line")
+    for _ in (1, 2):
+        c.create_model_version("line", source="file:///x", tags={"gates": "passed", "rollout": "registered"})
+    c.set_registered_model_alias("line", "champion", "1")
+    c.set_registered_model_alias("line", "candidate", "2")
+    return c
+
+
+def test_an_approval_from_an_earlier_attempt_does_not_approve_the_next(registry_line) -> None:
+    """Before the fix the second attempt found approved=true (from the first) and went to full at once."""
+    from npuflow.tasks.rollout import record_approval_task, registry_approval_task, resolve_versions_task
+
+    first, _ = resolve_versions_task("line")
+    assert registry_approval_task(first) is None
+    record_approval_task(first, True, "ada", "ok for attempt 1")
+    assert registry_approval_task(first) == "ada"  # counts for the attempt it was given in
+    second, _ = resolve_versions_task("line")  # e.g. the first attempt failed later and is re-run
+    assert registry_approval_task(second) is None
+    tags = registry_line.get_model_version("line", "2").tags
+    assert tags["approved"] == "pending" and "true by ada" in tags["previous_approval"]
+    assert registry_approval_task(first) is None  # the first attempt's approval no longer counts either
+
+
+def test_a_reviewer_tag_set_during_the_attempt_counts(registry_line) -> None:
+    from npuflow.tasks.rollout import registry_approval_task, resolve_versions_task
+
+    cand, _ = resolve_versions_task("line")
+    registry_line.set_model_version_tag("line", "2", "approved", "true")  # the MLflow UI, during the attempt
+    registry_line.set_model_version_tag("line", "2", "approved_by", "grace")
+    assert registry_approval_task(cand) == "grace"
+
+
+def test_rollout_refuses_a_rolled_back_version_and_says_how_to_re_release(registry_line) -> None:
+    from npuflow.tasks.rollout import resolve_versions_task
+
+    from npuflow.core.errors import NpuflowError
+
+    registry_line.set_model_version_tag("line", "2", "rollout", "rolled_back")
+    registry_line.set_model_version_tag("line", "2", "rollout_reason", "tpot p95 +80%")
+    with pytest.raises(NpuflowError, match=r"version 2 was rolled back \(tpot p95 \+80%\).*npuflow run CONFIG"):
+        resolve_versions_task("line")
+    assert "rollout_attempt" not in registry_line.get_model_version("line", "2").tags

@@ -1,7 +1,8 @@
 """Iteration-level scheduling over the engine's slots (continuous batching, as nano-vllm's scheduler).
 
-One `step()`: retire cancelled sequences, admit waiting ones into free slots, run one prefill chunk
-(at most `prefill_chunk` prompt tokens, so a long prompt never stalls the running decodes for long),
+One `step()`: retire cancelled sequences, admit waiting ones into free slots, run one prefill forward
+(prompt chunks of one or more sequences, at most `prefill_chunk` tokens together, so a long prompt never
+stalls the running decodes for long and prompts that arrive together are prefilled together),
 then one decode step for every running sequence together, sample each with its own parameters, and
 retire those that hit a stop token or max_tokens. Sequences join and leave the batch at any step.
 
@@ -82,7 +83,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def step(self) -> None:
-        """Retire cancelled, admit, one prefill chunk, one decode step for all running, retire finished."""
+        """Retire cancelled, admit, one prefill forward, one decode step for all running, retire finished."""
         self.steps += 1
         for seq in [s for s in self.running.values() if s.cancelled]:
             self._finish(seq, "cancelled")
@@ -91,10 +92,9 @@ class Scheduler:
             self._finish(seq, "cancelled")
         self._admit()
         decoding = [s for s in self.running.values() if s.prefilled == len(s.prompt_ids) and s.output_ids]
-        prefilling = next((s for s in sorted(self.running.values(), key=lambda s: s.id)
-                           if s.prefilled < len(s.prompt_ids)), None)
-        if prefilling is not None:
-            self._prefill_chunk(prefilling)
+        prefilling = [s for s in sorted(self.running.values(), key=lambda s: s.id) if s.prefilled < len(s.prompt_ids)]
+        if prefilling:
+            self._prefill(prefilling)
         if decoding:
             self._decode(decoding)
 
@@ -109,12 +109,26 @@ class Scheduler:
             seq.slot = free.pop(0)  # lowest first: keeps the decoded slot range short
             self.running[seq.slot] = seq
 
-    def _prefill_chunk(self, seq: Sequence) -> None:
-        chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + self.prefill_chunk]
-        logits = self.engine.prefill(seq.slot, chunk, start_pos=seq.prefilled)  # (1, V)
-        seq.prefilled += len(chunk)
-        if seq.prefilled == len(seq.prompt_ids):
-            self._emit(seq, int(sample(logits, seq.params, seq.gen)[0]))
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prompt chunks of the oldest sequences still prefilling, in one forward of at most
+        `prefill_chunk` tokens (padding counted): several short prompts share a step, a long one is
+        split over steps. A sequence whose prompt is complete samples its first token."""
+        chunks: list[tuple[Sequence, list[int]]] = []
+        width = 0
+        for seq in seqs:
+            room = self.prefill_chunk // (len(chunks) + 1)  # the longest chunk n + 1 rows of it allow
+            take = seq.prompt_ids[seq.prefilled : seq.prefilled + (self.prefill_chunk if not chunks else room)]
+            if chunks and max(width, len(take)) * (len(chunks) + 1) > self.prefill_chunk:
+                break
+            if chunks and len(take) < len(seq.prompt_ids) - seq.prefilled:
+                break  # its prompt would not finish: it waits and is prefilled first next step
+            chunks.append((seq, take))
+            width = max(width, len(take))
+        logits = self.engine.prefill_many([(s.slot, ids, s.prefilled) for s, ids in chunks])  # (n, V)
+        for row, (seq, ids) in enumerate(chunks):
+            seq.prefilled += len(ids)
+            if seq.prefilled == len(seq.prompt_ids):
+                self._emit(seq, int(sample(logits[row : row + 1], seq.params, seq.gen)[0]))
 
     def _decode(self, seqs: list[Sequence]) -> None:
         """One token for each sequence, all slots 0..rows-1 in one step (idle slots compute and are ignored)."""

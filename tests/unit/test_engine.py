@@ -137,3 +137,53 @@ def test_a_cancelled_sequence_frees_its_slot_at_the_next_step(demo_w8a16: Path, 
     assert first.finish_reason == "cancelled" and second.slot == 0
     sched.run_until_done()
     assert len(second.output_ids) == 3
+
+
+def test_prompts_arriving_together_are_prefilled_in_one_forward_and_decode_as_alone(
+        demo_w8a16: Path, tiny_model_dir: Path) -> None:
+    """Batched prefill: prompts of different lengths submitted at once share padded prefill forwards (a
+    token budget of 24 holds several of them); each sequence's greedy tokens equal its tokens alone."""
+    model = load_quantized(demo_w8a16, cpu, torch.float32)
+    tok = load_tokenizer(tiny_model_dir)
+    texts = ["the cat sees the dog .", "what color is the apple ? the apple is", "two dogs", "anna has a red ball",
+             "the bird sings in the garden on monday . the"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    alone = [list(stream(Engine(model, max_len=128), i, SamplingParams(max_tokens=8))) for i in ids]
+    engine = Engine(model, max_len=128, slots=4)
+    forwards = []
+    batched = engine.prefill_many
+    engine.prefill_many = lambda chunks: forwards.append(len(chunks)) or batched(chunks)
+    sched = Scheduler(engine, prefill_chunk=24)
+    seqs = [sched.submit(i, SamplingParams(max_tokens=8)) for i in ids]
+    sched.run_until_done()
+    assert [s.output_ids for s in seqs] == alone
+    assert max(forwards) >= 2  # some forward prefilled more than one prompt
+
+
+def test_int4_prefill_dequantizes_to_what_the_kernel_computes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """From DEQUANT_ROWS rows on, a 4-bit linear runs on its weight dequantized from aten's packed layout:
+    the same result as the int4 kernel up to bf16 rounding, for every linear of the demo model."""
+    out = tmp_path / "w4a16"
+    out.mkdir()
+    quantize_dir(tiny_model_dir, out, QuantizationConfig(scheme="w4a16", group_size=32, sensitivity=False))
+    model = load_quantized(out, cpu, torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, cpu.Int4PackedLinear)]
+    assert linears and cpu.int4_layout_ok() and all(m.dequant_rows == cpu.DEQUANT_ROWS for m in linears)
+    for m in {m.in_features: m for m in linears}.values():
+        x = torch.randn(cpu.DEQUANT_ROWS, m.in_features).to(torch.bfloat16)
+        kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, m.packed, m.group_size, m.scales_zeros).float()
+        got = m(x).float()
+        assert (got - kernel).abs().max() <= 0.02 * kernel.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_single_query_attention_op_equals_sdpa_on_a_slice_of_the_cache(rows: int) -> None:
+    from npuflow.runtime.engine import single_query_attention
+
+    cache = torch.randn(4, 4, 256, 16)  # (slots, kv_heads, max_len, D)
+    k, v = cache[:rows, :, :128], cache.flip(0)[:rows, :, :128]  # views, as the engine hands them over
+    q = torch.randn(rows, 8, 1, 16)  # 8 query heads over 4 kv heads
+    mask = torch.arange(128)[None, None, None, :] <= torch.tensor([100, 7, 127])[:rows, None, None, None]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                             attn_mask=mask, scale=0.25).transpose(1, 2)
+    assert torch.allclose(single_query_attention(q, k, v, mask, 0.25), want, atol=1e-5)

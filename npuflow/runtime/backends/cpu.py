@@ -57,9 +57,54 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) ->
 linear_w4a16 = linear_w4a16_reference  # float32 activations; bf16 models get Int4PackedLinear (prepare)
 
 
+DEQUANT_ROWS = 64  # from this many rows on (prefill), a 4-bit linear dequantizes to bf16 and runs oneDNN's GEMM
+
+
+def _unpack_int4_t(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W.T (in, out) in bf16 from aten's CPU int4 layout: packed (out, in // 2) uint8 holds blocks of 64
+    output rows as [in, 32] bytes, the low nibble for rows 0-31 of the block, the high one for rows 32-63
+    (checked against the kernel at first use, see `int4_layout_ok`); w = (q - 8) * scale + zero_f."""
+    out_f, in_f = packed.shape[0], packed.shape[1] * 2
+    b = packed.view(out_f // 64, in_f, 32).permute(1, 0, 2)  # (in, out / 64, 32)
+    q = torch.stack([b & 15, b >> 4], dim=2).reshape(in_f // group_size, group_size, out_f)
+    s, z = scales_zeros[:, None, :, 0], scales_zeros[:, None, :, 1]  # (groups, 1, out)
+    return torch.addcmul(z - 8 * s, q.to(torch.bfloat16), s).view(in_f, out_f)
+
+
+_LAYOUT_OK: bool | None = None
+
+
+def _unpacker():
+    """The unpacking compiled by inductor (one fused loop per weight shape, 2-3x eager's speed) where a C++
+    compiler is installed; eager torch ops otherwise."""
+    import shutil
+
+    if any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        return torch.compile(_unpack_int4_t, dynamic=False)
+    return _unpack_int4_t
+
+
+def int4_layout_ok() -> bool:
+    """Whether `_unpack_int4_t` reads this build's int4 layout (the kernel packs per CPU capability):
+    a random weight through both paths, once per process."""
+    global _LAYOUT_OK
+    if _LAYOUT_OK is None:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randint(0, 16, (128, 256), dtype=torch.int32, generator=g)
+        sz = (torch.rand(2, 128, 2, generator=g) + 0.5).to(torch.bfloat16)
+        x = torch.randn(4, 256, generator=g).to(torch.bfloat16)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 1)
+        want = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz).float()
+        got = (x @ _unpack_int4_t(packed, sz, 128)).float()
+        _LAYOUT_OK = bool(((got - want).abs().max() <= 0.02 * want.abs().max()).item())
+    return _LAYOUT_OK
+
+
 class Int4PackedLinear(torch.nn.Module):
     """4-bit weights in aten's CPU int4 layout (two per byte, half the bytes of the loaded uint8 values),
-    bf16 activations, `aten._weight_int4pack_mm_for_cpu` for every row count (prefill and decode).
+    bf16 activations. Up to DEQUANT_ROWS rows (decode) `aten._weight_int4pack_mm_for_cpu`, whose cost
+    grows linearly with the rows; from there on (prefill) the weight is dequantized to bf16 for the step
+    and multiplied by oneDNN's GEMM: 2.5x the kernel's speed at 512 rows, measured here.
 
     The kernel computes w = (q - 8) * scale + zero_f per group; npuflow stores w = (q - zero) * scale,
     so zero_f = (8 - zero) * scale.
@@ -75,11 +120,16 @@ class Int4PackedLinear(torch.nn.Module):
                              .to(torch.bfloat16))  # (groups, out, 2)
         self.bias = None if q.bias is None else torch.nn.Parameter(q.bias.detach().to(torch.bfloat16),
                                                                    requires_grad=False)
+        self.dequant_rows = DEQUANT_ROWS if self.out_features % 64 == 0 and int4_layout_ok() else None
+        self.unpack = _unpacker()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) bf16 -> (..., out)
         rows = x.numel() // self.in_features
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, self.in_features), self.packed,
-                                                        self.group_size, self.scales_zeros)
+        x2 = x.reshape(rows, self.in_features)
+        if self.dequant_rows is not None and rows >= self.dequant_rows:
+            y = x2 @ self.unpack(self.packed, self.scales_zeros, self.group_size)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -105,7 +155,8 @@ def prepare(model: torch.nn.Module, graph: bool = False) -> torch.nn.Module:
 def kernels(dtype: torch.dtype) -> dict[str, str]:
     if dtype == torch.bfloat16:
         return {"linear_w8a16": "aten._weight_int8pack_mm (decode) / dequantized F.linear (prefill)",
-                "linear_w4a16": "aten._weight_int4pack_mm_for_cpu", "attention": "sdpa"}
+                "linear_w4a16": f"aten._weight_int4pack_mm_for_cpu (< {DEQUANT_ROWS} rows) / dequantized bf16 "
+                                "GEMM (prefill)", "attention": "sdpa (prefill) / npuflow::single_query_attention"}
     return {"linear_w8a16": "dequantized F.linear", "linear_w4a16": "dequantized F.linear", "attention": "sdpa"}
 
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from npuflow.core.errors import StoreError
+from npuflow.core.errors import is_transient
 
 IO_RETRY_DELAYS = [2, 10, 30]  # seconds between tries of an I/O stage
 
 
 def retry_io_only(task, task_run, state) -> bool:
-    """Retry transfers and flaky services, never bad input, bad hashes or a missing device."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, (StoreError, OSError))  # OSError covers connection and timeout errors
+    """Retry what a retry can fix (connection, timeout, throttling, 5xx of the store or MLflow); never bad
+    input, bad hashes, a missing device, a missing bucket or object, denied access or a full disk."""
+    return is_transient(state.result(raise_on_failure=False))
 
 
 def outcome(artifact) -> str:

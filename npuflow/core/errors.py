@@ -1,5 +1,7 @@
 """The one error type the CLI turns into a clear message and a non-zero exit."""
 
+import errno
+
 
 class NpuflowError(Exception):
     """A user-facing failure: the message names the problem and the fix.
@@ -31,7 +33,15 @@ class GateFailedError(NpuflowError):
 
 
 class StoreError(NpuflowError):
-    """The artifact store (S3 endpoint, disk) failed a request; worth a retry."""
+    """The artifact store (S3 endpoint, disk) failed a request.
+
+    `retryable`: a retry can fix it (connection, timeout, throttling, 5xx); False for a missing bucket,
+    a denied request, a missing object, a full disk.
+    """
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class DriftError(NpuflowError):
@@ -45,7 +55,34 @@ class UnsafeNameError(NpuflowError):
 
 
 class RegistryError(NpuflowError):
-    """The MLflow tracking/registry service failed a request (anything but "not found"); worth a retry.
+    """The MLflow tracking/registry service failed a request (anything but "not found").
 
-    Reads fail closed: a registry that cannot answer never reads as "no champion yet".
+    Reads fail closed: a registry that cannot answer never reads as "no champion yet". `retryable`: the
+    service was unreachable, timed out, throttled or answered 5xx (not: denied, a bad request).
     """
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+# errno values a retry can fix: the network, not the disk (ENOSPC, EDQUOT), permissions (EACCES, EPERM)
+# or a read-only file system (EROFS)
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, n) for n in ("ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ETIMEDOUT", "EHOSTUNREACH",
+                                "ENETUNREACH", "ENETDOWN", "EPIPE", "EAGAIN", "EINTR") if hasattr(errno, n)
+)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether retrying the failed operation can succeed: connection, timeout, throttling, 5xx.
+
+    Never bad input, bad hashes, a missing device, a missing bucket or object, denied access, a full disk.
+    """
+    if isinstance(exc, NpuflowError):
+        return bool(getattr(exc, "retryable", False))
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _TRANSIENT_ERRNOS
+    return False

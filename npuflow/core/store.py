@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -11,7 +12,7 @@ from typing import Protocol
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from npuflow.core.errors import ConfigError, NpuflowError, StoreError, UnsafeNameError
+from npuflow.core.errors import ConfigError, NpuflowError, StoreError, UnsafeNameError, is_transient
 from npuflow.core.paths import check_name
 
 MULTIPART_THRESHOLD = 64 << 20  # bytes: larger files go up in parts
@@ -69,24 +70,44 @@ class LocalStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         return dest, dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
 
+    def _disk_error(self, err: OSError, key: str) -> StoreError:
+        """A local write that failed: a full disk or a permission is not retried, and says what to fix."""
+        what = ("the disk is full (free space there)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else
+                "permission denied (fix the directory's owner or mode)" if err.errno in (errno.EACCES, errno.EPERM,
+                                                                                          errno.EROFS) else str(err))
+        return StoreError(f"writing {self.url(key)} to the artifact store failed: {what}; the object was not "
+                          "published", retryable=is_transient(err))
+
     def write_bytes(self, key: str, data: bytes) -> None:
-        dest, tmp = self._atomic(key)
+        try:
+            dest, tmp = self._atomic(key)
+        except OSError as err:
+            raise self._disk_error(err, key) from None
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, dest)
+        except OSError as err:
+            raise self._disk_error(err, key) from None
         finally:
             tmp.unlink(missing_ok=True)
 
     def upload_file(self, key: str, path: Path) -> None:
-        dest, tmp = self._atomic(key)
+        try:
+            dest, tmp = self._atomic(key)
+        except OSError as err:
+            raise self._disk_error(err, key) from None
         if dest.exists() and dest.samefile(path):
             return
         try:
             shutil.copyfile(path, tmp)
             os.replace(tmp, dest)
+        except OSError as err:
+            if err.filename == str(path):
+                raise  # the local source is missing or unreadable: not the store's failure
+            raise self._disk_error(err, key) from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -143,9 +164,12 @@ class S3Store:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def _err(self, err: Exception, key: str) -> StoreError:
+        retry = s3_retryable(err)
         return StoreError(
             f"S3 request for {self.url(key)} failed: {err}. Check AWS_ENDPOINT_URL, the credentials "
             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and that the bucket exists"
+            + _RETRY_NOTE[retry],
+            retryable=retry,
         )
 
     def exists(self, key: str) -> bool:
@@ -217,7 +241,9 @@ class S3Store:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
                 out.update({obj["Key"][len(full):]: obj["Size"] for obj in page.get("Contents", [])})
         except (ClientError, BotoCoreError) as err:
-            raise StoreError(f"listing s3://{self.bucket}/{full} failed: {err}") from None
+            retry = s3_retryable(err)
+            raise StoreError(f"listing s3://{self.bucket}/{full} failed: {err}. Check AWS_ENDPOINT_URL, the "
+                             "credentials and that the bucket exists" + _RETRY_NOTE[retry], retryable=retry) from None
         for name in out:  # a listed key becomes a local path: none may lead outside the prefix
             check_name(name, source=f"the listing of s3://{self.bucket}/{full}")
         return dict(sorted(out.items()))
@@ -229,6 +255,39 @@ class S3Store:
 
     def local_path(self, key: str) -> Path | None:
         return None
+
+
+_RETRY_NOTE = {True: " (a transient failure: retried)", False: " (not retried: a retry cannot fix this)"}
+# S3 error codes a retry can fix; anything else a ClientError says (NoSuchBucket, AccessDenied, 403, 404,
+# NoSuchKey, InvalidAccessKeyId, SignatureDoesNotMatch, ...) is permanent
+_S3_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                                 "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+                                 "RequestLimitExceeded", "BandwidthLimitExceeded", "TooManyRequestsException"})
+
+
+def s3_retryable(err: BaseException) -> bool:
+    """Whether a boto3/botocore failure is worth a retry: connection, timeout, throttling, 5xx."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import (
+        ClientError,
+        HTTPClientError,
+        IncompleteReadError,
+        ResponseStreamingError,
+    )
+    from botocore.exceptions import (
+        ConnectionError as BotoConnectionError,
+    )
+
+    if isinstance(err, ClientError):
+        e = err.response.get("Error", {})
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return e.get("Code") in _S3_TRANSIENT_CODES or int(status) >= 500 or int(status) == 429
+    if isinstance(err, S3UploadFailedError):  # boto3's wrapper of a multipart failure: judged by its text
+        text = str(err)
+        return not any(c in text for c in ("NoSuchBucket", "AccessDenied", "403", "404", "InvalidAccessKeyId"))
+    if isinstance(err, (BotoConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError)):
+        return True  # endpoint unreachable, connection closed or reset, read/connect timeouts
+    return isinstance(err, (ConnectionError, TimeoutError))
 
 
 def _progress_bar(desc: str, total: int):

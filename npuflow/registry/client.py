@@ -46,8 +46,15 @@ def registry_error(c, what: str, err: Exception) -> RegistryError:
     return RegistryError(
         f"MLflow at {uri} failed {what} ({code}: {str(err)[:300]}). The registry's answer is unknown, so "
         "nothing was decided or changed; check that the MLflow server is up and reachable "
-        "(MLFLOW_TRACKING_URI), its credentials and its database, then re-run"
+        "(MLFLOW_TRACKING_URI), its credentials and its database, then re-run",
+        retryable=code in _TRANSIENT_CODES or isinstance(err, (OSError, ConnectionError, TimeoutError)),
     )
+
+
+# MLflow error codes of an unreachable, overloaded or failing service (the REST client reports a
+# connection failure as INTERNAL_ERROR); denied or bad requests are not among them
+_TRANSIENT_CODES = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
+                              "DEADLINE_EXCEEDED", "ABORTED"})
 
 
 def _read(c, what: str, call, absent):

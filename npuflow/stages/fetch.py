@@ -20,7 +20,7 @@ from npuflow.core.artifacts import (
     staging_dir,
 )
 from npuflow.core.config import SourceConfig
-from npuflow.core.errors import ConfigError, IntegrityError, NpuflowError
+from npuflow.core.errors import ConfigError, IntegrityError, NpuflowError, StoreError
 from npuflow.core.paths import check_name, confined
 from npuflow.core.store import S3Store, Store, file_uri_path
 
@@ -79,17 +79,39 @@ def _expected(files: list[SourceFile], cfg: SourceConfig) -> list[SourceFile]:
 
 
 def _copy_with_hash(read, dest: Path, total: int | None, label: str) -> str:
-    """Stream `read(n)` into dest, returning its sha256; a progress bar for copies over 64 MB."""
+    """Stream `read(n)` into dest, returning its sha256; a progress bar for copies over 64 MB.
+
+    A failure to write dest (disk full, quota, permission) is a StoreError that is not retried."""
     from tqdm import tqdm
 
     h = hashlib.sha256()
     show = total is not None and total > 64 << 20
-    with open(dest, "wb") as out, tqdm(total=total, desc=label, unit="B", unit_scale=True, disable=not show) as bar:
+    try:
+        out = open(dest, "wb")
+    except OSError as err:
+        raise _write_error(err, dest, label) from None
+    with out, tqdm(total=total, desc=label, unit="B", unit_scale=True, disable=not show) as bar:
         while chunk := read(_COPY_CHUNK):
             h.update(chunk)
-            out.write(chunk)
+            try:
+                out.write(chunk)
+            except OSError as err:
+                raise _write_error(err, dest, label) from None
             bar.update(len(chunk))
     return h.hexdigest()
+
+
+def _write_error(err: OSError, dest: Path, label: str) -> StoreError:
+    import errno
+
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = (f"the disk filled up writing {label} to {dest.parent}: free space there (or set TMPDIR to a "
+               "larger disk) and re-run")
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = f"no permission to write {label} to {dest.parent} ({err.strerror}): fix the permissions or TMPDIR"
+    else:
+        why = f"writing {label} to {dest.parent} failed: {err}"
+    return StoreError(f"{why}; nothing was published (not retried: a retry cannot fix this)", retryable=False)
 
 
 def _check_index(path: Path, source: str) -> None:
@@ -160,8 +182,15 @@ class _S3Source:
         return files  # hashed while copying
 
     def copy(self, f: SourceFile, dest: Path) -> str:
-        body = self.s3.client.get_object(Bucket=self.s3.bucket, Key=self.s3._key(f.name))["Body"]
-        return _copy_with_hash(body.read, dest, f.size, f.name)
+        """The object streamed into dest; botocore failures (before or during the download) are StoreErrors,
+        retried when transient (connection, timeout, throttling, 5xx)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body = self.s3.client.get_object(Bucket=self.s3.bucket, Key=self.s3._key(f.name))["Body"]
+            return _copy_with_hash(body.read, dest, f.size, f.name)
+        except (ClientError, BotoCoreError, ConnectionError, TimeoutError) as err:
+            raise self.s3._err(err, f.name) from None
 
 
 class _HubSource:

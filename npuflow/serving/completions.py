@@ -159,7 +159,7 @@ class ServingCompletions:
                 ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         elif isinstance(req.prompt, list):
-            vocab = lm.vocab_size
+            vocab = lm.vocab_size or (lm.model.config.vocab_size if lm.model is not None else 0)
             if any(not 0 <= t < vocab for t in req.prompt):
                 raise bad_request(f"prompt token ids must be 0..{vocab - 1} (this model's vocabulary)", "prompt")
             ids = list(req.prompt)

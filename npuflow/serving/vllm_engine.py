@@ -117,6 +117,7 @@ class VllmProcess:
         self.port = 0
         self.stopping = False
         self._wfd: int | None = None
+        self._stop_lock = threading.Lock()  # shutdown and a take-out may stop it at once
 
     def command(self, python: Path, port: int) -> list[str]:
         c = self.cfg
@@ -182,15 +183,16 @@ class VllmProcess:
 
     def stop(self) -> None:
         """Kill the engine's process group and wait until none of it is left (idempotent)."""
-        self.stopping = True
-        proc, self.proc = self.proc, None
-        try:
-            if proc is not None:
-                self._kill_group(proc)
-        finally:
-            if self._wfd is not None:
-                os.close(self._wfd)  # after the group is gone (EOF would make the guard sweep it too)
-                self._wfd = None
+        with self._stop_lock:
+            self.stopping = True
+            proc, self.proc = self.proc, None
+            try:
+                if proc is not None:
+                    self._kill_group(proc)
+            finally:
+                if self._wfd is not None:
+                    os.close(self._wfd)  # after the group is gone (EOF would make the guard sweep it too)
+                    self._wfd = None
 
     def _kill_group(self, proc: subprocess.Popen) -> None:
         pgid = proc.pid  # the guard leads its own session and group

@@ -171,7 +171,30 @@ def test_a_slow_vllm_challenger_fails_the_canary_and_its_engine_dies_with_the_se
         health = httpx.get(f"{url}/health").json()
         assert health["weights"]["challenger"] == 0 and health["champion"]["version"] == "1"
         assert health["status"] in ("ok", "degraded")
+        engine_url = health["challenger"]["engine"]["url"]
+
+        # a client that leaves mid-stream: the router closes the upstream request and vLLM aborts it
+        body = {"model": f"{NAME}@challenger", "prompt": "the cat", "max_tokens": 200, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+        assert wait_until(lambda: httpx.get(f"{url}/health").json()["challenger"]["in_flight"] == 0)
+        assert wait_until(lambda: running(engine_url) == 0), "vLLM still runs the abandoned request"
     assert gone(pgid, 5), "the server stopped but its vLLM engine lives on"
+
+
+def running(engine_url: str) -> float:
+    text = httpx.get(f"{engine_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
+def wait_until(cond, within_s: float = 20) -> bool:
+    deadline = time.monotonic() + within_s
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return cond()
 
 
 def test_a_challenger_engine_that_dies_leaves_rotation_and_the_champion_answers(home):

@@ -220,3 +220,32 @@ def test_a_champion_engine_that_will_not_restart_is_reported(tmp_path) -> None:
         assert [e["event"] for e in pool.events][-2:] == ["champion engine died", "champion engine restart failed"]
     finally:
         pool.close()
+
+
+def test_an_engine_at_a_url_is_connected_to_by_the_model_it_serves() -> None:
+    import http.server
+    import json
+
+    from npuflow.serving.vllm_engine import connect, free_port
+
+    class Models(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": "llama-v7"}]}).encode()
+            self.send_response(200 if self.path == "/v1/models" else 404)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        assert connect(f"http://127.0.0.{{version}}:{port}/", "1") == (f"http://127.0.0.1:{port}", "llama-v7")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(NpuflowError, match="does not answer GET /v1/models"):
+        connect(f"http://127.0.0.1:{free_port()}", "1")

@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -358,6 +359,72 @@ def set_aliases(c, name: str, wanted: dict[str, str | None]) -> None:
             c.delete_registered_model_alias(name, alias)
         elif version is not None and current.get(alias) != version:
             c.set_registered_model_alias(name, alias, version)
+
+
+ALIAS_INTENT = "alias_intent"  # version tag: an alias move begun and not yet verified (JSON)
+
+
+def move_aliases(c, version: ModelVersion, wanted: dict[str, str | None]) -> None:
+    """Move several aliases so that any crash point converges on the next run (repair_alias_moves).
+
+    The intent (wanted and the aliases before) is written on `version` first, then the aliases one by
+    one, then they are read back and compared, and only then is the intent removed.
+    """
+    name = version.name
+    before = aliases(c, name)
+    intent = {"wanted": wanted, "from": {a: before.get(a) for a in wanted}, "at": int(time.time())}
+    c.set_model_version_tag(name, version.version, ALIAS_INTENT, json.dumps(intent, sort_keys=True))
+    set_aliases(c, name, wanted)
+    _verify_aliases(c, name, wanted)
+    c.delete_model_version_tag(name, version.version, ALIAS_INTENT)
+
+
+def _verify_aliases(c, name: str, wanted: dict[str, str | None]) -> None:
+    now = aliases(c, name)
+    wrong = {a: now.get(a) for a, v in wanted.items() if now.get(a) != v}
+    if wrong:
+        raise RegistryError(f"{name}: after moving the aliases to {wanted} MLflow reads {wrong}; another writer "
+                            "moved them meanwhile. Nothing more was changed: check the aliases and re-run")
+
+
+def repair_alias_moves(c, name: str) -> list[str]:
+    """Finish every alias move a crash left half-done (the version's alias_intent tag); returns what was done.
+
+    A move is rolled forward when each alias is still where it was or already where it goes (the decision
+    was recorded before the move began); aliases moved elsewhere since are never overwritten: that is an
+    error for a person to look at.
+    """
+    done = []
+    versions = _read(c, f"listing the versions of {name}", lambda: c.search_model_versions(f"name='{name}'"), [])
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        raw = (v.tags or {}).get(ALIAS_INTENT)
+        if raw is None:
+            continue
+        try:
+            intent = json.loads(raw)
+            wanted, frm = intent["wanted"], intent["from"]
+        except (ValueError, KeyError, TypeError):
+            raise RegistryError(f"{name} version {v.version} has an unreadable {ALIAS_INTENT} tag {raw[:200]!r}: "
+                                "check the aliases by hand, then delete the tag") from None
+        if (v.tags or {}).get(Tag.ROLLOUT) != "promoted":  # rolled back (or rejected) since: the move is void
+            c.delete_model_version_tag(name, str(v.version), ALIAS_INTENT)
+            done.append(f"dropped the unfinished alias move of version {v.version}: it is "
+                        f"{(v.tags or {}).get(Tag.ROLLOUT)} now")
+            log.warning("%s: %s", name, done[-1])
+            continue
+        now = aliases(c, name)
+        if any(now.get(a) not in (w, frm.get(a)) for a, w in wanted.items()):
+            raise RegistryError(
+                f"{name}: version {v.version} records an unfinished alias move to {wanted} (from {frm}), but the "
+                f"aliases are now {now}: someone moved them since. Check which is right, set the aliases, then "
+                f"delete the tag {ALIAS_INTENT} on version {v.version}")
+        if any(now.get(a) != w for a, w in wanted.items()):
+            set_aliases(c, name, wanted)
+            _verify_aliases(c, name, wanted)
+            done.append(f"finished the alias move of version {v.version} to {wanted} (was {now})")
+            log.warning("%s: %s", name, done[-1])
+        c.delete_model_version_tag(name, str(v.version), ALIAS_INTENT)
+    return done
 
 
 def tag_version(c, version: ModelVersion, tags: dict[str, str]) -> None:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from npuflow.core.config import PromotionConfig
 from npuflow.core.names import LEGACY_ROLLBACK_REASON, Alias, RolloutState, Tag
-from npuflow.registry.client import ModelVersion, set_aliases, tag_version
+from npuflow.registry.client import ModelVersion, tag_version
 from npuflow.registry.tolerance import compare
 
 log = logging.getLogger("npuflow.rollout")
@@ -71,14 +71,15 @@ def decide_promotion(
 
 def apply_promotion(c, candidate: ModelVersion, decision: PromotionDecision, approved_by: str) -> dict[str, str]:
     """Record the decision on the version, then move the aliases; returns the aliases before."""
-    from npuflow.registry.client import aliases
+    from npuflow.registry.client import aliases, move_aliases, repair_alias_moves
 
+    repair_alias_moves(c, candidate.name)  # a move a crash left half-done is finished first
     before = aliases(c, candidate.name)
     reason = " | ".join(decision.reasons)[:4900]
     if decision.action == "promote":
         tag_version(c, candidate, {Tag.ROLLOUT: RolloutState.PROMOTED, Tag.PROMOTION_REASON: reason, Tag.APPROVED_BY: approved_by})
-        set_aliases(c, candidate.name, {Alias.PREVIOUS: decision.champion_version, Alias.CHAMPION: candidate.version}
-                    if decision.champion_version else {Alias.CHAMPION: candidate.version})
+        move_aliases(c, candidate, {Alias.PREVIOUS: decision.champion_version, Alias.CHAMPION: candidate.version}
+                     if decision.champion_version else {Alias.CHAMPION: candidate.version})
         log.info("champion -> version %s (previous: %s)", candidate.version, decision.champion_version)
     elif decision.action == "rollout":
         tag_version(c, candidate, {Tag.ROLLOUT: RolloutState.PENDING, Tag.PROMOTION_REASON: reason})
@@ -96,8 +97,9 @@ def promote(c, candidate: ModelVersion, tol: PromotionConfig, tpot_regression_pc
             approved_by: str) -> PromotionDecision:
     """Read the champion (fail closed: a registry error raises, it never reads as "no champion"), decide,
     record and apply. Nothing is written when a read fails."""
-    from npuflow.registry.client import by_alias, run_metrics
+    from npuflow.registry.client import by_alias, repair_alias_moves, run_metrics
 
+    repair_alias_moves(c, candidate.name)  # before the champion is read: a half-done move is finished
     champion = by_alias(c, candidate.name, Alias.CHAMPION)
     decision = decide_promotion(candidate, run_metrics(c, candidate), champion,
                                 run_metrics(c, champion) if champion else {}, tol, tpot_regression_pct)

@@ -150,3 +150,86 @@ def test_the_pool_keeps_champion_and_challenger_through_a_registry_error(sqlite_
         for s in (pool.champion, pool.challenger):
             if s.model is not None and s.model.batcher is not None:
                 s.model.batcher.close()
+
+
+# ---- alias moves killed part-way (SIGKILL, a real subprocess) converge on the next run (hole 3) -----------
+
+KILLER = '''
+import os, signal, sys
+from mlflow import MlflowClient
+from npuflow.registry import client as registry
+from npuflow.registry.promotion import PromotionDecision, apply_promotion
+
+uri, method, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
+calls, real = [0], getattr(MlflowClient, method)
+
+def kill_on_nth(self, *a, **kw):  # the process dies at the MLflow API boundary, as a crash would
+    calls[0] += 1
+    if calls[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *a, **kw)
+
+setattr(MlflowClient, method, kill_on_nth)
+c = registry.client(uri)
+cand = registry.by_alias(c, "faults", "candidate")
+decision = PromotionDecision(action="promote", reasons=["rollout passed"], candidate_version=cand.version,
+                             champion_version="1")
+apply_promotion(c, cand, decision, approved_by="the rollout")  # what the rollout's final promotion does
+print("not killed")
+'''
+
+
+@pytest.mark.parametrize(("method", "nth", "half_done"), [
+    ("set_registered_model_alias", 1, {Alias.CHAMPION: "1", Alias.CANDIDATE: "2"}),  # intent written, no alias
+    ("set_registered_model_alias", 2, {Alias.CHAMPION: "1", Alias.PREVIOUS: "1", Alias.CANDIDATE: "2"}),  # between
+    ("delete_model_version_tag", 1, {Alias.CHAMPION: "2", Alias.PREVIOUS: "1", Alias.CANDIDATE: "2"}),  # after both
+])
+def test_an_alias_move_killed_part_way_converges_on_the_next_run(tmp_path: Path, method: str, nth: int,
+                                                                 half_done: dict) -> None:
+    """Before the fix a kill between the writes left champion == previous == 1 and the rerun (strategy
+    rollout) read v1 as the champion and started a new staged rollout from that state."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = registry.client(uri)
+    cand = _line(c)
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    proc = subprocess.run([sys.executable, str(script), uri, method, str(nth)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stdout + proc.stderr[-2000:]
+    assert registry.aliases(c, NAME) == half_done
+    assert registry.ALIAS_INTENT in c.get_model_version(NAME, "2").tags  # the record the rerun repairs from
+    # the rerun: the release's promote step again, this time with the staged-rollout strategy
+    d = promote(c, cand, PromotionConfig(strategy="rollout"), 5.0, approved_by="t")
+    assert d.action == "already_champion"
+    assert registry.aliases(c, NAME) == {Alias.CHAMPION: "2", Alias.PREVIOUS: "1", Alias.CANDIDATE: "2"}
+    assert registry.ALIAS_INTENT not in c.get_model_version(NAME, "2").tags
+
+
+def test_a_half_done_move_rolled_back_since_is_dropped_not_finished(sqlite_client) -> None:
+    import json
+
+    c = sqlite_client
+    _line(c)
+    c.set_model_version_tag(NAME, "2", registry.ALIAS_INTENT, json.dumps(
+        {"wanted": {"previous": "1", "champion": "2"}, "from": {"previous": None, "champion": "1"}, "at": 0}))
+    c.set_model_version_tag(NAME, "2", "rollout", "rolled_back")  # a person rolled it back meanwhile
+    assert registry.repair_alias_moves(c, NAME)[0].startswith("dropped")
+    assert registry.aliases(c, NAME)[Alias.CHAMPION] == "1"
+
+
+def test_aliases_moved_elsewhere_since_are_not_overwritten(sqlite_client) -> None:
+    import json
+
+    c = sqlite_client
+    _line(c)
+    c.create_model_version(NAME, source="file:///x", tags={"gates": "passed"})
+    c.set_model_version_tag(NAME, "2", "rollout", "promoted")
+    c.set_model_version_tag(NAME, "2", registry.ALIAS_INTENT, json.dumps(
+        {"wanted": {"previous": "1", "champion": "2"}, "from": {"previous": None, "champion": "1"}, "at": 0}))
+    c.set_registered_model_alias(NAME, Alias.CHAMPION, "3")  # someone else's move
+    with pytest.raises(RegistryError, match="someone moved them since"):
+        registry.repair_alias_moves(c, NAME)
+    assert registry.aliases(c, NAME)[Alias.CHAMPION] == "3"

@@ -14,7 +14,6 @@ from npuflow.core.artifacts import (
     ValidationReport,
 )
 from npuflow.core.config import RunConfig
-from npuflow.core.names import Alias
 from npuflow.core.settings import Settings
 from npuflow.registry import client as registry
 
@@ -41,6 +40,8 @@ def register_task(
     run_id = registry.log_pipeline_run(c, exp, config, deployable, validation, benchmark,
                                        str(flow_run.flow_run_id) if flow_run else None)
     version = registry.register(c, run_id, model, quantized, deployable, validation, benchmark)
+    if txn is not None:
+        txn.set("version", version.version)
     get_run_logger().info("register: mlflow run %s; %s version %s (%s)", run_id, version.name, version.version,
                           "new" if version.newly_registered else "already registered: cache hit")
     return version
@@ -48,9 +49,10 @@ def register_task(
 
 @register_task.on_rollback
 def _restore_aliases(txn) -> None:
-    """Put candidate/champion/previous back as they were before this transaction."""
+    """Put candidate/champion/previous back as they were before this transaction, only where they still
+    hold what this transaction wrote (a rollback made meanwhile is never undone)."""
     before, name = txn.get("aliases_before", None), txn.get("model_name", None)
     if before is None or name is None:
         return
     c = registry.client(Settings().resolved_tracking_uri)
-    registry.set_aliases(c, name, {a: before.get(a) for a in (Alias.CANDIDATE, Alias.CHAMPION, Alias.PREVIOUS)})
+    registry.restore_aliases(c, name, before, txn.get("version", None))

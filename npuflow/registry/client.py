@@ -427,6 +427,26 @@ def repair_alias_moves(c, name: str) -> list[str]:
     return done
 
 
+def restore_aliases(c, name: str, before: dict[str, str], ours: str | None) -> dict[str, str | None]:
+    """Put back the aliases a failed register -> promote moved, compare-before-write: an alias is restored
+    only while it still holds what that transaction could have written (`ours`, the version it registered;
+    for `previous`, the champion before). One moved by someone else since (a rollback) is left as it is.
+    Returns what was restored."""
+    now = aliases(c, name)
+    wanted: dict[str, str | None] = {}
+    for a in (Alias.CANDIDATE, Alias.CHAMPION, Alias.PREVIOUS):
+        if now.get(a) == before.get(a):
+            continue
+        written_by_us = now.get(a) == (before.get(Alias.CHAMPION) if a == Alias.PREVIOUS else ours)
+        if written_by_us and ours is not None:
+            wanted[a] = before.get(a)
+        else:
+            log.warning("%s: alias %s is %s now (was %s): moved by someone else, left as it is", name, a,
+                        now.get(a), before.get(a))
+    set_aliases(c, name, wanted)
+    return wanted
+
+
 def tag_version(c, version: ModelVersion, tags: dict[str, str]) -> None:
     for k, v in tags.items():
         c.set_model_version_tag(version.name, version.version, k, v)

@@ -233,3 +233,29 @@ def test_aliases_moved_elsewhere_since_are_not_overwritten(sqlite_client) -> Non
     with pytest.raises(RegistryError, match="someone moved them since"):
         registry.repair_alias_moves(c, NAME)
     assert registry.aliases(c, NAME)[Alias.CHAMPION] == "3"
+
+
+def test_the_release_rollback_hook_restores_only_what_it_wrote(sqlite_client) -> None:
+    """register -> promote failed after champion moved to 2; meanwhile a person set candidate elsewhere."""
+    c = sqlite_client
+    _line(c)
+    c.create_model_version(NAME, source="file:///x", tags={"gates": "passed"})
+    before = {Alias.CHAMPION: "1", Alias.CANDIDATE: "1"}
+    c.set_registered_model_alias(NAME, Alias.PREVIOUS, "1")  # what this transaction wrote: previous, champion
+    c.set_registered_model_alias(NAME, Alias.CHAMPION, "2")
+    c.set_registered_model_alias(NAME, Alias.CANDIDATE, "3")  # someone else's, since
+    assert registry.restore_aliases(c, NAME, before, ours="2") == {Alias.CHAMPION: "1", Alias.PREVIOUS: None}
+    assert registry.aliases(c, NAME) == {Alias.CHAMPION: "1", Alias.CANDIDATE: "3"}
+
+
+def test_the_rollback_hook_never_undoes_a_rollback_made_meanwhile(sqlite_client) -> None:
+    c = sqlite_client
+    _line(c)
+    before = {Alias.CHAMPION: "1", Alias.CANDIDATE: "2"}
+    c.set_registered_model_alias(NAME, Alias.PREVIOUS, "1")
+    c.set_registered_model_alias(NAME, Alias.CHAMPION, "2")
+    c.delete_registered_model_alias(NAME, Alias.PREVIOUS)  # `npuflow rollback` ran meanwhile ...
+    c.set_registered_model_alias(NAME, Alias.CHAMPION, "1")  # ... champion 1 again, no previous
+    c.delete_registered_model_alias(NAME, Alias.CANDIDATE)
+    assert registry.restore_aliases(c, NAME, before, ours="2") == {}  # nothing it wrote is left
+    assert registry.aliases(c, NAME) == {Alias.CHAMPION: "1"}  # the rollback's state, untouched

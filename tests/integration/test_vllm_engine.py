@@ -214,3 +214,40 @@ def test_a_challenger_engine_that_dies_leaves_rotation_and_the_champion_answers(
         assert r.status_code == 503 and "exited" in r.json()["error"]["message"]
     assert gone(pgid, 5)
     assert subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True).returncode == 1
+
+
+def test_npuflow_serve_with_the_configs_serving_section_leaves_no_engine_when_sigkilled(home, tmp_path):
+    """`npuflow serve CONFIG` in its own process (the config's serving: section), SIGKILLed: no chance to
+    stop anything itself, and still the guard takes the vLLM process group down with it."""
+    import json
+    import sys
+
+    from tests.conftest import free_port
+
+    cfg = {"name": NAME, "source": {"uri": "file:///unused"}, "quantization": W4A16_CT, "serving": VLLM}
+    (tmp_path / "serve.yaml").write_text(json.dumps(cfg))  # YAML is a superset of JSON
+    port, log = free_port(), (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "npuflow.cli", "serve", "serve.yaml", "--port", str(port),
+                             "--challenger-weight", "50"], cwd=tmp_path, stdout=log, stderr=log,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _up(url) or proc.poll() is not None, 400) and proc.poll() is None, \
+            (tmp_path / "serve.log").read_text()[-3000:]
+        health = httpx.get(f"{url}/health").json()
+        pgid = engine_group(health, "challenger")
+        r = httpx.post(f"{url}/v1/completions", json={"model": f"{NAME}@challenger", "prompt": "the cat",
+                                                      "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.headers["x-model-version"] == "2"
+    finally:
+        proc.kill()
+        proc.wait(30)
+        log.close()
+    assert gone(pgid, 40), "npuflow serve was SIGKILLed and its vLLM engine lives on"
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

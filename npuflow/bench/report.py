@@ -106,12 +106,15 @@ def primary_metrics(s: Scenario, peak_memory_mb: float, model_size_mb: float) ->
 
 
 def scenario_metrics(report: BenchmarkReport) -> dict[str, float]:
-    """Every scenario's variants: tpot_ms_p50.bs4_in512, decode_tokens_per_s.tp2_bs1_in64, ..."""
+    """Every scenario's variants: tpot_ms_p50.bs4_in512, decode_tokens_per_s.tp2_bs1_in64, ..., and the
+    serving scenario's per concurrency level: serve_output_tokens_per_s.c16, serve_ttft_ms_p99.c16, ..."""
+    from npuflow.bench.load import serving_metrics
+
     out: dict[str, float] = {}
     for s in report.scenarios:
         suffix = metric_suffix(s, report.scenarios)
         out |= {f"{k}.{suffix}": v for k, v in _scenario_values(s).items()}
-    return out
+    return out | serving_metrics(report.serving)
 
 
 # ---------------------------------------------------------------------------------------------- champion
@@ -270,6 +273,8 @@ def _sections(report: BenchmarkReport, champion: dict[str, float] | None, champi
             rows.append([mode, str(len(b)), "identical" if same else f"DIFFER (first at token {diff})"])
         out.append(("Greedy output vs single device", ["The same prompt decoded greedily in each mode."],
                     ["mode", "tokens", "vs single"], rows))
+    if report.serving:
+        out.append(_serving_section(report))
     if champion is not None:
         cand = report.metrics | scenario_metrics(report)
         names = [k for k in cand if k.split(".")[0] in _COMPARED]
@@ -284,6 +289,49 @@ def _sections(report: BenchmarkReport, champion: dict[str, float] | None, champi
               "n/a" if d.delta_pct is None else f"{d.delta_pct:+.1f}", d.verdict] for d in deltas],
         ))
     return out
+
+
+def _serving_section(report: BenchmarkReport) -> tuple[str, list[str], list[str], list[list[str]]]:
+    m = report.serving_method
+    slo = ", ".join(f"{k} <= {v:g} ms" for k, v in m.get("goodput_slo_ms", {}).items()) or "none given"
+    paras = [f"The model behind the server users run ({m.get('server', 'npuflow serve')}), engine "
+             f"{m.get('engine', 'npuflow')}, loaded by {m.get('tool', 'vllm bench serve')}: "
+             f"{m.get('input_len', '?')} prompt tokens and {m.get('output_len', '?')} output tokens per request, "
+             "one warm-up pass per level. Output tokens/s is over wall time, prefill included.",
+             f"Goodput SLOs (requests per second meeting all of them): {slo}."]
+    head = ["concurrency", "requests", "failed", "req/s", "output tok/s", "goodput req/s", "TTFT p50", "TTFT p99",
+            "TPOT p50", "TPOT p99", "ITL p50", "ITL p90", "ITL p99"]
+    rows = [[str(lv["concurrency"]), str(lv["completed"]), str(lv["failed"]), _f(lv["requests_per_s"], 3),
+             _f(lv["output_tokens_per_s"], 4), "n/a" if lv["goodput_requests_per_s"] is None
+             else _f(lv["goodput_requests_per_s"], 3), _f(lv["ttft_ms"]["p50"]), _f(lv["ttft_ms"]["p99"]),
+             _f(lv["tpot_ms"]["p50"]), _f(lv["tpot_ms"]["p99"]), _f(lv["itl_ms"]["p50"]), _f(lv["itl_ms"]["p90"]),
+             _f(lv["itl_ms"]["p99"])] for lv in report.serving]
+    return "Serving under load (ms)", paras, head, rows
+
+
+def _serving_plot(report: BenchmarkReport, out_dir: Path) -> str:
+    """serving_load.png: output tokens/s and TTFT p99 against concurrency."""
+    from matplotlib.figure import Figure
+
+    levels = report.serving
+    cs = [lv["concurrency"] for lv in levels]
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    ax.plot(cs, [lv["output_tokens_per_s"] for lv in levels], marker="o", color="tab:blue", label="output tok/s")
+    ax.set(xlabel="concurrent requests", ylabel="output tokens/s (wall time)",
+           title="Served throughput and TTFT p99 against concurrency")
+    if len(cs) > 1:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(cs, [str(c) for c in cs])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    right.plot(cs, [lv["ttft_ms"]["p99"] for lv in levels], marker="s", color="tab:red", label="TTFT p99 ms")
+    right.set_ylabel("TTFT p99 ms", color="tab:red")
+    fig.legend(loc="upper left", bbox_to_anchor=(0.1, 0.9), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "serving_load.png", dpi=100)
+    return "serving_load.png"
 
 
 _COMPARED = ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90", "decode_tokens_per_s",
@@ -383,13 +431,15 @@ def _plots(report: BenchmarkReport, out_dir: Path) -> list[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "roofline.png", dpi=100)
-    return ["throughput_vs_batch.png", "latency_percentiles.png", "roofline.png"]
+    images = ["throughput_vs_batch.png", "latency_percentiles.png", "roofline.png"]
+    return [*images, _serving_plot(report, out_dir)] if report.serving else images
 
 
 def render(report: BenchmarkReport, out_dir: Path, champion: dict[str, float] | None = None,
            champion_label: str = "champion", tpot_regression_pct: float = 5.0,
            title: str | None = None) -> list[Path]:
-    """Write report.md, report.html and the PNG plots into out_dir; returns their paths (REPORT_FILES order).
+    """Write report.md, report.html and the PNG plots into out_dir; returns their paths (REPORT_FILES order,
+    then serving_load.png when the report has a serving scenario).
 
     `champion`: the champion's MLflow metrics; adds per-metric deltas and the regression gate's verdict.
     """
@@ -399,4 +449,4 @@ def render(report: BenchmarkReport, out_dir: Path, champion: dict[str, float] | 
     sections = _sections(report, champion, champion_label, tpot_regression_pct)
     (out_dir / "report.md").write_text(_markdown(title, sections, images))
     (out_dir / "report.html").write_text(_html(title, sections, images))
-    return [out_dir / n for n in REPORT_FILES]
+    return [out_dir / n for n in ("report.md", "report.html", *images)]  # REPORT_FILES, + serving_load.png

@@ -38,7 +38,7 @@ from npuflow.core.store import Store
 from npuflow.runtime.backends import get_backend
 
 log = logging.getLogger("npuflow.benchmark")
-CODE_VERSION = "benchmark-4"  # 4: timed through the scheduler (continuous batching), as served
+CODE_VERSION = "benchmark-5"  # 4: timed through the scheduler, as served; 5: batched prefill, serving scenario
 ENERGY_SOURCES = {"cpu": "RAPL package counter", "cuda": "NVML total energy counter",
                   "npu": "npu-smi power sampling"}
 # device name fragment -> npuflow.bench.devices key; only names that pin the variant (an A100 40GB is not an
@@ -128,6 +128,7 @@ def benchmark_dir(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig
     torchrun (and keeps the single-device run as its baseline unless `single_baseline` is False; both
     then run the engine eagerly, as the sharded ranks do)."""
     check_scenarios_fit(model_dir, cfg)
+    check_load_tool(cfg)
     tp = cfg.mode == "tensor-parallel"
     results = ([measure(model_dir, device, dtype, cfg, runtime, graph and not tp)]
                if cfg.mode == "single" or single_baseline else [])
@@ -136,8 +137,33 @@ def benchmark_dir(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig
 
         results.append(launch(model_dir, device, dtype, cfg, cfg.tp))
     size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    return build_report(results, model_dir, device, get_backend(device).device_name(), cfg, size,
-                        uri=model_dir.resolve().as_uri(), key=model_dir.name)
+    report = build_report(results, model_dir, device, get_backend(device).device_name(), cfg, size,
+                          uri=model_dir.resolve().as_uri(), key=model_dir.name)
+    return with_serving_load(report, model_dir, device, cfg, graph and runtime == "npuflow")
+
+
+def check_load_tool(cfg: BenchmarkConfig) -> None:
+    """The serving scenario's load tool is installed (before any work), when the config asks for it."""
+    if cfg.serving_load is not None:
+        from npuflow.bench.load import load_tool
+
+        load_tool(cfg.serving_load)
+
+
+def with_serving_load(report: BenchmarkReport, model_dir: Path, device: str, cfg: BenchmarkConfig, graph: bool,
+                      engine: str = "npuflow") -> BenchmarkReport:
+    """The report with the serving scenario added when cfg.serving_load asks for it (the model behind
+    `npuflow serve`, vllm bench serve's concurrency sweep); unchanged otherwise."""
+    if cfg.serving_load is None:
+        return report
+    from npuflow.bench.load import run_sweep
+
+    load = cfg.serving_load
+    log.info("serving scenario: concurrency %s, %d in / %d out tokens, engine %s",
+             ", ".join(map(str, load.concurrency)), load.input_len, load.output_len, engine)
+    levels, method = run_sweep(model_dir, device, graph, load, engine=engine,
+                               vllm_python=load.python if engine == "vllm" else None)
+    return report.model_copy(update={"serving": levels, "serving_method": method})
 
 
 def _measure_in_child(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig, graph: bool) -> dict:
@@ -162,6 +188,7 @@ def benchmark(deployable: Deployable, cfg: BenchmarkConfig, store: Store, cache_
         raise NpuflowError(f"the quantized weights {deployable.quantized_key} are gone from the store; re-run quantize")
     model_dir = materialize(store, quantized.key, quantized.files, cache_root)
     check_scenarios_fit(model_dir, cfg)
+    check_load_tool(cfg)
     scenarios = cfg.resolved_scenarios
     log.info("benchmarking %d scenario(s) (%s): %d warm-up + >= %d runs and >= %g s each", len(scenarios),
              ", ".join(s.name for s in scenarios), cfg.warmup, cfg.iterations, cfg.min_seconds)
@@ -176,6 +203,8 @@ def benchmark(deployable: Deployable, cfg: BenchmarkConfig, store: Store, cache_
     report = build_report(results, model_dir, deployable.device, deployable.device_name, cfg,
                           quantized.size_bytes, uri=store.url(key), key=key,
                           deployable_manifest_sha256=deployable.manifest_sha256, label=deployable.name)
+    report = with_serving_load(report, model_dir, deployable.device, cfg,
+                               deployable.runtime == Runtime.NPUFLOW_GRAPH, engine=deployable.engine)
     m = report.metrics
     log.info("TTFT p50 %.2f ms, TPOT p50 %.2f ms (%.1f tok/s), MBU %s, peak memory %.0f MB", m["ttft_ms_p50"],
              m["tpot_ms_p50"], m["decode_tokens_per_s"],

@@ -40,14 +40,26 @@ def benchmark(model: Annotated[Path, typer.Argument(
               = None,
               output: Annotated[Path | None, typer.Option("--output", help="Write the results (JSON) here.")]
               = None,
+              serve_concurrency: Annotated[str | None, typer.Option(
+                  help="Also serve the model (`npuflow serve --model`) and load it with vllm bench serve at "
+                       "these concurrency levels, e.g. 1,4,16 (--input-len/--output-len per request; needs "
+                       "`make vllm`).")] = None,
               as_json: JsonOpt = False) -> None:
     """Time TTFT and TPOT per scenario on DEVICE (single: this process; tensor-parallel: torchrun ranks)."""
     from npuflow.bench.report import render
     from npuflow.bench.stage import benchmark_dir
 
     dtype = _check_runtime(model, device, runtime, dtype, mode)
+    load = None
+    if serve_concurrency is not None:
+        try:
+            load = {"concurrency": [int(c) for c in serve_concurrency.split(",")], "input_len": input_len,
+                    "output_len": output_len}
+        except ValueError:
+            raise ConfigError(f"--serve-concurrency {serve_concurrency!r}: expected integers separated by "
+                              "commas, e.g. 1,4,16") from None
     cfg = _bench_config(scenarios, batch_size, input_len, output_len, warmup=warmup, iterations=iterations,
-                        min_seconds=min_seconds, mode=mode, tp=tp)
+                        min_seconds=min_seconds, mode=mode, tp=tp, serving_load=load)
     rep = benchmark_dir(model, device, dtype, cfg, single_baseline=single_baseline, runtime=runtime, graph=graph)
     files = render(rep, report, tpot_regression_pct=cfg.tpot_regression_pct) if report else []
     data = _bench_data(rep, cfg, runtime, dtype, files)
@@ -122,6 +134,7 @@ def _bench_data(rep, cfg, runtime: str, dtype: str, files: list[Path]) -> dict:
         else None,
         "metrics": rep.metrics | scenario_metrics(rep), "scenarios": [s.model_dump() for s in rep.scenarios],
         "roofline": rep.roofline, "report_files": [str(f) for f in files],
+        "serving": rep.serving, "serving_method": rep.serving_method,
     }
 
 
@@ -142,6 +155,16 @@ def _print_bench(model: Path, rep, data: dict, files: list[Path]) -> None:
                       "unstable" if s.unstable else "")
     console = Console()
     console.print(table)
+    if rep.serving:
+        served = Table(title=f"served: {rep.serving_method.get('server', 'npuflow serve')}")
+        for col in ("concurrency", "output tok/s", "req/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
+                    "ITL p50 ms", "ITL p99 ms", "failed"):
+            served.add_column(col)
+        for lv in rep.serving:
+            served.add_row(str(lv["concurrency"]), f"{lv['output_tokens_per_s']:.1f}", f"{lv['requests_per_s']:.2f}",
+                           f"{lv['ttft_ms']['p50']:.1f}", f"{lv['ttft_ms']['p99']:.1f}", f"{lv['tpot_ms']['p50']:.2f}",
+                           f"{lv['itl_ms']['p50']:.2f}", f"{lv['itl_ms']['p99']:.2f}", str(lv["failed"]))
+        console.print(served)
     if data["greedy_tokens_match"] is not None:
         same = "identical" if data["greedy_tokens_match"] else "DIFFER"
         console.print(f"greedy tokens, tensor-parallel vs single: {same}")

@@ -172,6 +172,8 @@ class BenchmarkReport(_Manifest):
     method: dict[str, Any] = Field(default_factory=dict)  # warmup, iterations, min_seconds, mode, ...
     greedy_tokens: dict[str, list[list[int]]] = Field(default_factory=dict)  # mode -> (B, n) greedy tokens
     report_files: list[str] = Field(default_factory=list)  # report.md, report.html, *.png beside it
+    serving: list[dict[str, Any]] = Field(default_factory=list)  # the serving scenario: one entry per concurrency
+    serving_method: dict[str, Any] = Field(default_factory=dict)  # its load tool, server command, lengths, SLOs
 
 
 M = TypeVar("M", bound=_Manifest)

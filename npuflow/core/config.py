@@ -165,6 +165,27 @@ class ScenarioMatrix(_Frozen):
                      for n in self.input_lens for b in self.batch_sizes)
 
 
+class ServingLoadConfig(_Frozen):
+    """The serving scenario of the benchmark: the model behind `npuflow serve` (router + the engine that
+    will serve it) under a concurrency sweep, measured with vLLM's `vllm bench serve`."""
+
+    concurrency: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 4, 16), min_length=1)  # requests in flight
+    input_len: int = Field(128, ge=1)  # prompt tokens (random tokens, as vLLM's random dataset makes them)
+    output_len: int = Field(64, ge=2)  # generated tokens per request, fixed (ignore_eos)
+    prompts: int | None = Field(None, ge=1)  # requests per level; None: max(8, 2 x concurrency)
+    python: str = ".venv-vllm/bin/python"  # interpreter with vllm installed (`make vllm`); relative: to the cwd
+    startup_timeout_s: float = Field(600.0, gt=0)  # the server must answer /health within this
+    goodput_ttft_ms: float | None = Field(None, gt=0)  # goodput SLOs; None: the rollout's absolute TTFT p95 limit
+    goodput_tpot_ms: float | None = Field(None, gt=0)  # idem for TPOT
+
+    @field_validator("concurrency")
+    @classmethod
+    def _sorted(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError("concurrency levels must be distinct")
+        return tuple(sorted(v))
+
+
 class BenchmarkConfig(_Frozen):
     """What to measure. Scenarios, first match wins: `scenarios` (a list), `matrix` (a product), the one
     scenario of batch_size/input_len/output_len when any of them is set, else the default matrix:
@@ -183,6 +204,7 @@ class BenchmarkConfig(_Frozen):
     mode: Literal["single", "tensor-parallel"] = "single"  # deployment mode the pipeline measures and reports
     tp: int = Field(1, ge=1)  # ranks in tensor-parallel mode (torchrun processes, one device each)
     device_spec: str | None = None  # npuflow.bench.devices key for the roofline peaks; None: from the device name
+    serving_load: ServingLoadConfig | None = None  # also measure the served model under load (None: not)
 
     @model_validator(mode="after")
     def _mode_and_tp(self) -> BenchmarkConfig:
@@ -335,6 +357,22 @@ class RunConfig(_Frozen):
         problem = engine_problem(self.serving.engine, self.convert.device, q.scheme, q.format, self.convert.dtype)
         if problem is not None:
             raise ValueError(f"serving: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _goodput_from_rollout(self) -> RunConfig:
+        """The serving scenario's goodput SLOs default to the rollout's strictest absolute p95 limits."""
+        load = self.benchmark.serving_load
+        if load is None:
+            return self
+        fill = {}
+        for key, limit in (("goodput_ttft_ms", "ttft_ms_p95_max"), ("goodput_tpot_ms", "tpot_ms_p95_max")):
+            given = [getattr(st.slo, limit) for st in self.rollout.stages if getattr(st.slo, limit) is not None]
+            if getattr(load, key) is None and given:
+                fill[key] = min(given)
+        if fill:
+            bench = self.benchmark.model_copy(update={"serving_load": load.model_copy(update=fill)})
+            object.__setattr__(self, "benchmark", bench)  # frozen: set once, while validating
         return self
 
     @field_validator("name")

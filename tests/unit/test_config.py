@@ -315,3 +315,20 @@ def test_vllm_settings_without_engine_vllm_are_refused() -> None:
 def test_bad_serving_sections_are_refused(serving: dict) -> None:
     with pytest.raises(ConfigError, match="serving"):
         parse_config(_serving(serving, {"scheme": "w4a16", "format": "compressed-tensors"}))
+
+
+def test_the_serving_load_scenario_takes_goodput_slos_from_the_rollout_unless_given() -> None:
+    base = {"name": "m", "source": {"uri": "file:///tmp/m"}}
+    stages = [{"name": "canary", "weight": 10, "slo": {"ttft_ms_p95_max": 900, "tpot_ms_p95_max": 80}},
+              {"name": "full", "weight": 100, "slo": {"ttft_ms_p95_max": 700}}]
+    cfg = parse_config({**base, "benchmark": {"serving_load": {"concurrency": [16, 1, 4]}},
+                        "rollout": {"stages": stages}})
+    load = cfg.benchmark.serving_load
+    assert load.concurrency == (1, 4, 16) and (load.goodput_ttft_ms, load.goodput_tpot_ms) == (700, 80)
+    given = parse_config({**base, "benchmark": {"serving_load": {"goodput_ttft_ms": 250}}, "rollout": {"stages": stages}})
+    assert given.benchmark.serving_load.goodput_ttft_ms == 250
+    assert parse_config(base).benchmark.serving_load is None  # off unless asked for
+    with pytest.raises(ConfigError, match="concurrency levels must be distinct"):
+        parse_config({**base, "benchmark": {"serving_load": {"concurrency": [4, 4]}}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_config({**base, "benchmark": {"serving_load": {"users": 4}}})

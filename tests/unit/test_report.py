@@ -296,3 +296,27 @@ def test_pipeline_run_logs_the_report_and_the_cli_rerenders_it(npuflow_home: Pat
     missing = subprocess.run([sys.executable, "-m", "npuflow.cli", "report", "0" * 32], capture_output=True,
                              text=True, timeout=300, cwd=tmp_path)
     assert missing.returncode == 1 and "no MLflow run" in missing.stderr
+
+
+def _level(c: int, tok_s: float) -> dict:
+    pct = {"p50": 10.0 * c, "p90": 11.0 * c, "p99": 12.0 * c, "mean": 10.5 * c}
+    return {"concurrency": c, "prompts": 8, "completed": 8, "failed": 0, "duration_s": 4.0, "requests_per_s": 2.0,
+            "output_tokens_per_s": tok_s, "goodput_requests_per_s": 1.5, "ttft_ms": pct, "tpot_ms": pct,
+            "itl_ms": pct, "e2el_ms": pct}
+
+
+def test_the_serving_scenario_is_in_the_report_the_plot_and_the_suffixed_metrics(report, tmp_path: Path) -> None:
+    served = report.model_copy(update={"serving": [_level(1, 40.0), _level(16, 150.0)],
+                                       "serving_method": {"server": "npuflow serve --model m", "engine": "npuflow",
+                                                          "goodput_slo_ms": {"ttft": 500.0}}})
+    files = render(served, tmp_path / "out")
+    assert [f.name for f in files] == [*REPORT_FILES, "serving_load.png"]
+    assert files[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = files[0].read_text()
+    assert "## Serving under load (ms)" in md and "| 16 | 8 | 0 | 2 | 150 | 1.5 |" in md
+    assert "Goodput SLOs (requests per second meeting all of them): ttft <= 500 ms." in md
+    m = scenario_metrics(served)
+    assert m["serve_output_tokens_per_s.c16"] == 150.0 and m["serve_ttft_ms_p99.c1"] == 12.0
+    assert {"serve_itl_ms_p50.c16", "serve_itl_ms_p90.c16", "serve_tpot_ms_p99.c16",
+            "serve_goodput_requests_per_s.c1", "serve_requests_per_s.c1", "serve_failed.c1"} <= set(m)
+    assert not any(k.startswith("serve_") for k in scenario_metrics(report))  # no serving scenario, no names

@@ -69,18 +69,24 @@ ATTENTION = "npuflow_decode"  # HF attention implementation the engine selects (
 
 def _single_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                   scaling: float) -> torch.Tensor:
-    """Attention of one query per row: query (B, H, 1, D), key/value (B, kv_heads, L, D), mask (B, 1, 1, L)
-    bool or additive, or None -> (B, 1, H, D)."""
+    """Attention of one query per row: query (B, H, 1, D), key/value (B, kv_heads, L, D) or the engine's
+    cache blocks (L / BLOCK, B, kv_heads, BLOCK, D), mask (B, 1, 1, L) bool or additive, or None -> (B, 1, H, D)."""
     b, h, _, d = query.shape
-    kvh, length = key.shape[1], key.shape[2]
+    if key.dim() == 5:  # the engine's cache blocks (nb, B, kvh, BLOCK, D), each dense: bmm reads them in place
+        keys, values = [k.flatten(0, 1) for k in key.unbind(0)], [v.flatten(0, 1) for v in value.unbind(0)]
+        kvh = key.shape[2]
+    else:
+        keys, values, kvh = [key.flatten(0, 1)], [value.flatten(0, 1)], key.shape[1]  # (B * kvh, L, D)
     q = query.reshape(b * kvh, h // kvh, d)  # the query heads that share each kv head
-    # (B, kvh) folds into one batch dim of a view of the cache (no copy): bmm reads it in place
-    k, v = key.flatten(0, 1), value.flatten(0, 1)  # (B * kvh, L, D)
-    scores = torch.bmm(q, k.transpose(1, 2)).float().view(b, kvh, -1, length) * scaling  # (B, kvh, g, L)
+    scores = torch.cat([torch.bmm(q, k.transpose(1, 2)) for k in keys], dim=-1).float()  # (B * kvh, g, L)
+    length = scores.shape[-1]
+    scores = scores.view(b, kvh, -1, length) * scaling
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b * kvh, -1, length)
-    return torch.bmm(probs, v).view(b, h, 1, d).transpose(1, 2)  # (B, 1, H, D)
+    width = keys[0].shape[1]
+    out = sum(torch.bmm(probs[..., i * width : (i + 1) * width], v) for i, v in enumerate(values))
+    return out.view(b, h, 1, d).transpose(1, 2)  # (B, 1, H, D)
 
 
 @torch.library.custom_op("npuflow::single_query_attention", mutates_args=())
@@ -131,15 +137,21 @@ def rows_bucket(n: int, slots: int) -> int:
 
 
 class SlotCache:
-    """K and V of every layer for `slots` sequences of up to `max_len` tokens (slots, kv_heads, max_len, D).
+    """K and V of every layer for `slots` sequences of up to `max_len` tokens, in blocks of KV_BUCKET
+    positions: (max_len / KV_BUCKET, slots, kv_heads, KV_BUCKET, D) per layer.
+
+    Block-major, so that what a decode step reads is dense: block j of slots start..start+B-1 is one
+    contiguous (B, kv_heads, KV_BUCKET, D) tensor, which BLAS reads in place (a slot-major cache sliced to
+    kv_len is strided, and the bf16 bmm copied it first: 3x the memory traffic at 16 rows).
 
     The model calls update(k, v, layer) once per layer per step; `begin_step` says which slots the step
-    runs (rows 0..B-1 of the step are slots start..start+B-1), where each new token goes and how many
-    positions attention reads. Allocated on the first update, from the key shape (tensor-parallel ranks
-    hold their own heads)."""
+    runs (rows 0..B-1 of the step are slots start..start+B-1, or the listed slots), where each new token
+    goes and how many positions attention reads. Allocated on the first update, from the key shape
+    (tensor-parallel ranks hold their own heads)."""
 
     def __init__(self, layers: int, slots: int, max_len: int):
         self.n_layers, self.slots, self.max_len = layers, slots, max_len
+        self.blocks = -(-max_len // KV_BUCKET)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.start, self.rows, self.kv_len = 0, 0, 0
@@ -152,24 +164,34 @@ class SlotCache:
         self.write_pos, self.kv_len, self.slot_ids = positions, kv_len, slots
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """k, v (B, kv_heads, T, D) written at write_pos; returns the step's (B, kv_heads, kv_len, D) views."""
+        """k, v (B, kv_heads, T, D) written at write_pos. Returns, for a one-token step over a slot range,
+        the blocks it reads: (kv_len / KV_BUCKET, B, kv_heads, KV_BUCKET, D) views (the engine's attention
+        takes them as they are); otherwise (B, kv_heads, kv_len, D) copies for SDPA."""
         if not self.keys:
-            shape = (self.slots, k.shape[1], self.max_len, k.shape[3])
+            shape = (self.blocks, self.slots, k.shape[1], KV_BUCKET, k.shape[3])
             self.keys = [torch.zeros(shape, dtype=k.dtype, device=k.device) for _ in range(self.n_layers)]
             self.values = [torch.zeros(shape, dtype=v.dtype, device=v.device) for _ in range(self.n_layers)]
         K, V = self.keys[layer_idx], self.values[layer_idx]
-        if self.slot_ids is not None:  # any slots (a batched prefill): the step reads a gathered copy
-            rows = self.slot_ids[:, None]
-            K[rows, :, self.write_pos] = k.transpose(1, 2)
-            V[rows, :, self.write_pos] = v.transpose(1, 2)
-            return K[self.slot_ids, :, : self.kv_len], V[self.slot_ids, :, : self.kv_len]
-        # written into the cache tensors themselves (not into a view of them: graph mode would then copy
-        # the whole slot range back each step): K[start + b, :, pos[b, t]] = k[b, :, t]
-        rows = torch.arange(self.start, self.start + self.rows, device=k.device)[:, None]  # (B, 1)
-        K[rows, :, self.write_pos] = k.transpose(1, 2)
-        V[rows, :, self.write_pos] = v.transpose(1, 2)
-        end = self.start + self.rows
-        return K[self.start : end, :, : self.kv_len], V[self.start : end, :, : self.kv_len]
+        if self.slot_ids is not None:
+            rows = self.slot_ids[:, None]  # (B, 1)
+        else:
+            rows = torch.arange(self.start, self.start + self.rows, device=k.device)[:, None]
+        blk, off = self.write_pos // KV_BUCKET, self.write_pos % KV_BUCKET  # (B, T) each
+        # written into the cache tensors themselves (into a view, graph mode would copy it back each
+        # step): K[blk, slot_b, :, off] = k[b, :, t] for every row b and new token t
+        K[blk, rows, :, off] = k.transpose(1, 2)
+        V[blk, rows, :, off] = v.transpose(1, 2)
+        nb = -(-self.kv_len // KV_BUCKET)
+        if self.slot_ids is None and k.shape[2] == 1:
+            end = self.start + self.rows
+            return K[:nb, self.start : end], V[:nb, self.start : end]
+        sel = self.slot_ids if self.slot_ids is not None else rows[:, 0]
+
+        def dense(c: torch.Tensor) -> torch.Tensor:  # (nb, B, kvh, BLOCK, D) -> (B, kvh, nb * BLOCK, D)
+            g = c[:nb, sel]
+            return g.permute(1, 2, 0, 3, 4).reshape(g.shape[1], g.shape[2], nb * KV_BUCKET, g.shape[4])
+
+        return dense(K), dense(V)
 
 
 class Engine:
@@ -203,7 +225,7 @@ class Engine:
         last = int(positions.max())
         if last >= self.max_len:
             raise ValueError(f"the engine's cache holds {self.max_len} tokens a sequence; generation went past it")
-        kv_len = min(self.max_len, bucket(last + 1, KV_BUCKET))
+        kv_len = bucket(last + 1, KV_BUCKET)  # whole cache blocks (the last may reach past max_len: masked)
         self.cache.begin_step(start, positions, kv_len)
         # (B, 1, T, kv_len): row b's token t sees the positions up to its own (stale slot data lies beyond)
         mask = torch.arange(kv_len, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
@@ -236,7 +258,7 @@ class Engine:
         ends = torch.tensor([len(ids) - 1 for _, ids, _ in chunks])  # (n,) each row's last real column
         keep = ends.unique()  # the columns whose logits are computed (usually one: equal chunk lengths)
         tokens, positions = tokens.to(dev), positions.to(dev)
-        kv_len = min(self.max_len, bucket(int(positions.max()) + 1, KV_BUCKET))
+        kv_len = bucket(int(positions.max()) + 1, KV_BUCKET)
         self.cache.begin_step(0, positions, kv_len, slots=torch.tensor([c[0] for c in chunks], device=dev))
         mask = torch.arange(kv_len, device=dev)[None, None, None, :] <= positions[:, None, :, None]
         try:

@@ -136,6 +136,13 @@ def rows_bucket(n: int, slots: int) -> int:
     return min(slots, 1 << max(0, n - 1).bit_length())
 
 
+def dense_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """The cache blocks a decode step reads, (nb, B, kv_heads, BLOCK, D), as one (B, kv_heads, nb * BLOCK, D)
+    tensor (a copy), for attention kernels that take K and V whole (the NPU's fused attention)."""
+    nb, b, kvh, block, d = blocks.shape
+    return blocks.permute(1, 2, 0, 3, 4).reshape(b, kvh, nb * block, d)
+
+
 class SlotCache:
     """K and V of every layer for `slots` sequences of up to `max_len` tokens, in blocks of KV_BUCKET
     positions: (max_len / KV_BUCKET, slots, kv_heads, KV_BUCKET, D) per layer.
@@ -186,12 +193,7 @@ class SlotCache:
             end = self.start + self.rows
             return K[:nb, self.start : end], V[:nb, self.start : end]
         sel = self.slot_ids if self.slot_ids is not None else rows[:, 0]
-
-        def dense(c: torch.Tensor) -> torch.Tensor:  # (nb, B, kvh, BLOCK, D) -> (B, kvh, nb * BLOCK, D)
-            g = c[:nb, sel]
-            return g.permute(1, 2, 0, 3, 4).reshape(g.shape[1], g.shape[2], nb * KV_BUCKET, g.shape[4])
-
-        return dense(K), dense(V)
+        return dense_blocks(K[:nb, sel]), dense_blocks(V[:nb, sel])
 
 
 class Engine:

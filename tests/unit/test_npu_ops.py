@@ -384,3 +384,20 @@ def test_apply_fused_ops_keeps_weights_and_module_types(llama):
         apply_fused_ops(fused, npu_ops, attention="flash")
     with pytest.raises(ValueError, match="lacks the ops"):
         apply_fused_ops(copy.deepcopy(llama), SimpleNamespace())
+
+
+@pytest.mark.parametrize("attention", ["fusion", "fused_infer"])
+def test_the_serving_engine_runs_the_fused_llama_as_it_runs_hf(llama, attention):
+    """The runtime's engine (slot cache, batched prefill, decode over cache blocks) over the fused blocks
+    (pure-torch references of the torch_npu ops) gives HF's greedy tokens, prompts of different lengths."""
+    from npuflow.runtime.engine import Engine, SamplingParams
+    from npuflow.runtime.scheduler import Scheduler
+
+    fused = apply_fused_ops(copy.deepcopy(llama), npu_ops, attention=attention)
+    prompts = [torch.randint(0, 128, (1, n)) for n in (11, 4, 7)]
+    with torch.no_grad():
+        expected = [llama.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1]:].tolist() for p in prompts]
+    sched = Scheduler(Engine(fused, max_len=64, slots=4), prefill_chunk=64)
+    seqs = [sched.submit(p[0].tolist(), SamplingParams(max_tokens=6)) for p in prompts]
+    sched.run_until_done()
+    assert [s.output_ids for s in seqs] == expected

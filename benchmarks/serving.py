@@ -19,16 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
-from npuflow.bench.load import BENCH_SERVE  # vllm bench serve's own parser and main (the `vllm` script fails)
+from npuflow.bench.load import (  # the load tool and the server start/stop that the benchmark stage uses
+    BENCH_SERVE,
+    start_server,
+    stop_server,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -58,31 +59,6 @@ def build_model(work: Path) -> Path:
     subprocess.run([str(ROOT / ".venv/bin/npuflow"), "quantize", str(src), "--output", str(out), "--scheme", "w4a16",
                     "--group-size", "128", "--format", "compressed-tensors"], check=True)
     return out
-
-
-def start(cmd: list[str], port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **env},
-                            start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{cmd[0]} exited ({proc.returncode}); see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"no /health from port {port} within 600 s; see {log}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def bench(port: int, model_dir: Path, concurrency: int, prompts: int, a, out: Path) -> dict:
@@ -123,7 +99,7 @@ def main() -> None:
     try:
         for name, (cmd, port, env) in servers.items():
             t = time.perf_counter()
-            procs[name] = start(cmd, port, env, a.work / f"{name}.log")
+            procs[name] = start_server(cmd, port, a.work / f"{name}.log", 600, extra_env=env)
             print(f"{name}: healthy after {time.perf_counter() - t:.0f} s", file=sys.stderr)
         rows: dict[tuple[str, int], list[dict]] = {}
         with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +114,7 @@ def main() -> None:
         report(rows, a)
     finally:
         for proc in procs.values():
-            stop(proc)
+            stop_server(proc)
 
 
 def report(rows: dict[tuple[str, int], list[dict]], a) -> None:

@@ -66,9 +66,11 @@ def _server_cmd(model_dir: Path, device: str, graph: bool, engine: str, port: in
     return cmd
 
 
-def start_server(cmd: list[str], port: int, log_path: Path, timeout_s: float) -> subprocess.Popen:
+def start_server(cmd: list[str], port: int, log_path: Path, timeout_s: float,
+                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """The serving process in its own process group, once its /health answers 200."""
     env = {k: v for k, v in os.environ.items() if k != "NPUFLOW_SERVE_TOKEN"}  # the load tool sends no token
+    env |= extra_env or {}
     with log_path.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + timeout_s

@@ -15,7 +15,7 @@ from npuflow.registry import client as registry
 from npuflow.runtime.backends import get_backend
 from npuflow.runtime.engine import Engine
 from npuflow.runtime.loader import DTYPES, load_quantized, load_tokenizer
-from npuflow.serving.generation import Batcher
+from npuflow.serving.generation import Batcher, on_own_thread
 from npuflow.serving.loaded import LoadedModel
 from npuflow.serving.options import ServeOptions
 from npuflow.serving.pool import ModelPool
@@ -59,6 +59,11 @@ def load_dir(model_dir: Path, version: registry.ModelVersion, deployable: Deploy
     if deployable.engine != "npuflow":
         raise NpuflowError(f"{version.name} version {version.version}: unknown serving engine "
                            f"{deployable.engine!r} in its deployable (known: npuflow, vllm)")
+    return on_own_thread(_load_local, model_dir, version, deployable, opts)  # the engine thread: OpenMP's only user
+
+
+def _load_local(model_dir: Path, version: registry.ModelVersion, deployable: Deployable,
+                opts: ServeOptions) -> LoadedModel:
     backend = get_backend(deployable.device)
     graph = deployable.runtime == Runtime.NPUFLOW_GRAPH
     model = load_quantized(model_dir, backend, DTYPES[deployable.dtype])  # graph mode: the engine compiles

@@ -271,6 +271,6 @@ def test_an_engine_thread_outlives_a_request_whose_event_loop_is_gone(serving) -
     deadline = time.monotonic() + 10
     while lm.batcher.busy() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not lm.batcher.busy() and lm.batcher._thread.is_alive()
+    assert not lm.batcher.busy() and lm.batcher.alive()
     req, pin = serving.parse({"model": "tiny@champion", "prompt": "the dog", "max_tokens": 4, "temperature": 0})
     assert json.loads(asyncio.run(serving.create(req, pin, 0.0)).body)["usage"]["completion_tokens"] == 4

@@ -3,7 +3,7 @@
 The 220M benchmark Llama (hidden 1024, 12 layers, 16 heads, intermediate 2816, vocab 32000, random
 weights, a word-level tokenizer of 32000 words) is quantized once by `npuflow quantize --scheme w4a16
 --group-size 128 --format compressed-tensors`; both servers load that directory. The load is vLLM's own
-`vllm bench serve` (random prompts of --input-len tokens, --output-len tokens each with ignore_eos, the
+`vllm bench serve` (random prompts of --input-len tokens, --output-len tokens each with ignore_eos, greedy, the
 OpenAI completions API, streaming), run from the vLLM environment against each server in turn,
 interleaved per concurrency, both servers up throughout.
 
@@ -65,7 +65,7 @@ def bench(port: int, model_dir: Path, concurrency: int, prompts: int, a, out: Pa
     cmd = [str(VLLM_PY), "-c", BENCH_SERVE, "--backend", "openai",
            "--base-url", f"http://127.0.0.1:{port}", "--model", NAME, "--tokenizer", str(model_dir),
            "--dataset-name", "random", "--random-input-len", str(a.input_len), "--random-output-len",
-           str(a.output_len), "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--ignore-eos",
+           str(a.output_len), "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--ignore-eos", "--temperature", "0",
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--seed", "0",
            "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLLM_NO_USAGE_STATS": "1"})
@@ -123,7 +123,7 @@ def report(rows: dict[tuple[str, int], list[dict]], a) -> None:
         return xs[len(xs) // 2]
 
     print(f"\nserving, 220M Llama W4A16 g128 (compressed-tensors), input {a.input_len}, output {a.output_len} "
-          "(ignore_eos), vllm bench serve, interleaved; medians of rounds")
+          "(ignore_eos, greedy), vllm bench serve, interleaved; medians of rounds")
     print(f"{'server':8} {'conc':>4} {'out tok/s':>9} {'req/s':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
           f"{'ITL p50':>8} {'ITL p99':>8}")
     summary = {}

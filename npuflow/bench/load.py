@@ -108,6 +108,7 @@ def bench_serve(tool: Path, port: int, tokenizer_dir: Path, concurrency: int, pr
            "--model", SERVED_NAME, "--tokenizer", str(tokenizer_dir), "--dataset-name", "random",
            "--random-input-len", str(cfg.input_len), "--random-output-len", str(cfg.output_len),
            "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--ignore-eos",
+           "--temperature", "0",  # greedy: what the engine scenario generates (vllm bench serve sends none)
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--seed", "0",
            "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
     goodput = [f"{k}:{v:g}" for k, v in (("ttft", cfg.goodput_ttft_ms), ("tpot", cfg.goodput_tpot_ms)) if v]

@@ -38,7 +38,8 @@ from npuflow.core.store import Store
 from npuflow.runtime.backends import get_backend
 
 log = logging.getLogger("npuflow.benchmark")
-CODE_VERSION = "benchmark-5"  # 4: timed through the scheduler, as served; 5: batched prefill, serving scenario
+CODE_VERSION = "benchmark-6"  # 4: timed through the scheduler, as served; 5: batched prefill, serving scenario;
+# 6: the serving load greedy, one engine thread
 ENERGY_SOURCES = {"cpu": "RAPL package counter", "cuda": "NVML total energy counter",
                   "npu": "npu-smi power sampling"}
 # device name fragment -> npuflow.bench.devices key; only names that pin the variant (an A100 40GB is not an

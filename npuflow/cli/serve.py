@@ -23,6 +23,9 @@ def serve(config: Annotated[Path | None, typer.Argument(
           graph: Annotated[bool, typer.Option("--graph/--eager", help="With --model: compile the decode step.")]
           = True,
           max_batch: Annotated[int, typer.Option(help="Sequences decoded together per version.")] = 16,
+          kv_cache_gib: Annotated[float | None, typer.Option(
+              help="KV cache per version, GiB (default: half the free host memory on the CPU, 90% of the "
+                   "free device memory otherwise); fewer than --max-batch slots when it is smaller.")] = None,
           port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
           host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = "127.0.0.1",
           challenger_weight: Annotated[float, typer.Option(
@@ -78,6 +81,7 @@ def serve(config: Annotated[Path | None, typer.Argument(
         name=cfg_name, tracking_uri=settings.resolved_tracking_uri, store_uri=settings.resolved_store_uri,
         cache_dir=settings.cache_dir, champion_weight=100 - challenger_weight,
         challenger_weight=challenger_weight, token=token or None, max_tokens_limit=max_tokens, max_batch=max_batch,
+        kv_cache_gib=kv_cache_gib,
         serving=serving_cfg,
     )
     pool = (directory_pool(opts, model, device, graph=graph, engine=serving_cfg.engine) if model is not None

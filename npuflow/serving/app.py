@@ -17,8 +17,8 @@ by weight. `create_app(pool)` is the FastAPI app around it
 Guarantees: the champion is never dropped to load a challenger (a new champion is loaded beside the old
 one and swapped in; if it fails the old one keeps serving); a challenger that fails to load or to answer
 is taken out of rotation (weight 0, the reason in /health) and its request is answered by the champion.
-Each version's engine runs in its own thread with continuous batching (npuflow.serving.generation), so
-the event loop keeps answering; or, for a release whose deployable names engine vllm, in a vLLM child
+Every version's engine is stepped by one engine thread with continuous batching (npuflow.serving.generation),
+so the event loop keeps answering; or, for a release whose deployable names engine vllm, in a vLLM child
 process group (npuflow.serving.vllm_engine) that the router streams from, with the same routing, headers
 and metrics. Shutdown stops every engine.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -41,6 +42,51 @@ def _find_quantized(deployable: Deployable, location: dict[str, str], store_uri:
     )
 
 
+KV_SHARE = {"cpu": 0.5, "default": 0.9}  # of the memory free once the weights are in, for the KV cache
+
+
+def kv_budget_bytes(device: torch.device) -> int:
+    """The KV cache a version may allocate when --kv-cache-gib is not given: half the host memory available
+    on the CPU (the host runs everything else too), 90% of the accelerator memory free after the weights."""
+    if device.type == "cpu":
+        return int(_host_available_bytes() * KV_SHARE["cpu"])
+    free, _ = getattr(torch, device.type).mem_get_info(device)  # torch.cuda / torch.npu
+    return int(free * KV_SHARE["default"])
+
+
+def _host_available_bytes() -> int:
+    """The kernel's MemAvailable (free plus reclaimable page cache); free pages where /proc is absent."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_slots(cfg, dtype: torch.dtype, context: int, max_batch: int, budget: int, label: str = "?") -> int:
+    """KV cache slots (sequences decoded together) within `budget` bytes: max_batch, or fewer (logged) when
+    max_batch sequences of the full context do not fit; NpuflowError naming the fix when one does not.
+
+    The engine's cache is static: every slot holds K and V for the whole context in every layer, so a
+    Llama-2-7B (32 layers, 32 kv heads of 128, 4096 tokens, fp16) needs 2 GiB a slot and 32 GiB for 16."""
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    per_slot = 2 * cfg.num_hidden_layers * kv_heads * head_dim * context * torch.empty(0, dtype=dtype).element_size()
+    gib = 2**30
+    if per_slot > budget:
+        raise NpuflowError(f"version {label}: one sequence of its {context}-token context needs "
+                           f"{per_slot / gib:.2f} GiB of KV cache and the budget is {budget / gib:.2f} GiB: give "
+                           "--kv-cache-gib a larger budget or free memory on the device")
+    slots = min(max_batch, budget // per_slot)
+    if slots < max_batch:
+        log.warning("version %s: %d KV cache slots of --max-batch %d fit the %.2f GiB budget (%.2f GiB each); "
+                    "raise --kv-cache-gib for more", label, slots, max_batch, budget / gib, per_slot / gib)
+    return int(slots)
+
+
 def load_version(c, version: registry.ModelVersion, opts: ServeOptions) -> LoadedModel:
     """Load a registered version's quantized weights with its deployable's device and dtype."""
     deployable, location = registry.deployable_of(c, version)
@@ -71,7 +117,9 @@ def _load_local(model_dir: Path, version: registry.ModelVersion, deployable: Dep
     cfg = model.config
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id, tokenizer.eos_token_id]
     context = int(cfg.max_position_embeddings)
-    engine = Engine(model, max_len=context, slots=opts.max_batch, compile=graph)
+    budget = int(opts.kv_cache_gib * 2**30) if opts.kv_cache_gib else kv_budget_bytes(backend.device())
+    slots = kv_slots(cfg, DTYPES[deployable.dtype], context, opts.max_batch, budget, version.version)
+    engine = Engine(model, max_len=context, slots=slots, compile=graph)
     with torch.inference_mode():
         logits = engine.prefill(0, [tokenizer.bos_token_id or 0])  # (1, V)
         one = torch.ones(1, 1, dtype=torch.long, device=logits.device)

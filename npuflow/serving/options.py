@@ -26,6 +26,7 @@ class ServeOptions(BaseModel):
     max_body_bytes: int = Field(64 << 10, ge=1024)  # request bodies above this get 413
     max_in_flight: int = Field(64, ge=1)  # requests queued or running per model; above: 503
     max_batch: int = Field(16, ge=1, le=256)  # sequences decoded together per version (KV cache slots)
+    kv_cache_gib: float | None = Field(None, gt=0)  # KV cache per version; None: from free memory (loading)
     max_request_s: float = Field(600.0, gt=0)  # a generation running longer is stopped
     stall_s: float = Field(60.0, gt=0)  # /health: an engine with work and no step for this long is stalled
     serving: ServingConfig = ServingConfig()  # how versions whose deployable says engine vllm are run

@@ -274,3 +274,23 @@ def test_an_engine_thread_outlives_a_request_whose_event_loop_is_gone(serving) -
     assert not lm.batcher.busy() and lm.batcher.alive()
     req, pin = serving.parse({"model": "tiny@champion", "prompt": "the dog", "max_tokens": 4, "temperature": 0})
     assert json.loads(asyncio.run(serving.create(req, pin, 0.0)).body)["usage"]["completion_tokens"] == 4
+
+
+def test_the_kv_cache_is_sized_to_its_budget(caplog) -> None:
+    """Llama-2-7B's static cache: 2 GiB a slot at 4096 tokens in fp16. A budget for 2.5 slots gives 2 (a
+    warning names the flag); one below a slot is refused, naming --kv-cache-gib."""
+    from transformers import LlamaConfig
+
+    from npuflow.core.errors import NpuflowError
+    from npuflow.serving.loading import kv_slots
+
+    cfg = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008)
+    gib = 2**30
+    assert kv_slots(cfg, torch.float16, 4096, 16, 40 * gib) == 16
+    with caplog.at_level("WARNING", logger="npuflow.serve"):
+        assert kv_slots(cfg, torch.float16, 4096, 16, 5 * gib, "3") == 2
+    assert "2 KV cache slots of --max-batch 16" in caplog.text and "--kv-cache-gib" in caplog.text
+    gqa = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    assert kv_slots(gqa, torch.float16, 4096, 16, 5 * gib) == 10  # 8 kv heads: a quarter of the bytes
+    with pytest.raises(NpuflowError, match="needs 2.00 GiB of KV cache.*--kv-cache-gib"):
+        kv_slots(cfg, torch.float16, 4096, 16, gib)

@@ -292,5 +292,5 @@ def test_the_kv_cache_is_sized_to_its_budget(caplog) -> None:
     assert "2 KV cache slots of --max-batch 16" in caplog.text and "--kv-cache-gib" in caplog.text
     gqa = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
     assert kv_slots(gqa, torch.float16, 4096, 16, 5 * gib) == 10  # 8 kv heads: a quarter of the bytes
-    with pytest.raises(NpuflowError, match="needs 2.00 GiB of KV cache.*--kv-cache-gib"):
+    with pytest.raises(NpuflowError, match=r"needs 2\.00 GiB of KV cache.*--kv-cache-gib"):
         kv_slots(cfg, torch.float16, 4096, 16, gib)

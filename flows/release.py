@@ -16,7 +16,9 @@ from pydantic import BaseModel
 
 from npuflow.core.config import RunConfig
 from npuflow.core.errors import GateFailedError
+from npuflow.core.locks import model_line_lock
 from npuflow.core.settings import Settings
+from npuflow.core.store import open_store
 
 
 class ReleaseResult(BaseModel):
@@ -48,8 +50,9 @@ def release(config: RunConfig) -> ReleaseResult:
     validation = validate_task(model, deployable, config.validation, store, cache)
     bench = benchmark_task(deployable, config.benchmark, store, cache) if validation.passed else None
 
-    # ---- registry: aliases are put back if anything in here fails part-way ----
-    with transaction():
+    # ---- registry: one writer per model line (a lock in the store); aliases put back if this fails part-way ----
+    with model_line_lock(open_store(store), config.name, f"release of {config.name} (register, promote)"), \
+            transaction():
         version = register_task(config, model, quantized, deployable, validation, bench)
         decision = promote_task(version, config.promotion, config.benchmark.tpot_regression_pct)
 
@@ -57,7 +60,7 @@ def release(config: RunConfig) -> ReleaseResult:
     if decision.action == "rollout":
         log.info("staged rollout of v%s: %s", version.version,
                  ", ".join(f"{s.name} {s.weight:g}%" for s in config.rollout.stages))
-        staged = rollout(config)  # raises RolloutFailedError (the run fails) when a stage fails or is rejected
+        staged = rollout(config, version=version.version)  # raises RolloutFailedError (the run fails) when a stage fails or is rejected
         decision = decision.model_copy(update={"action": "promote", "reasons": [
             f"staged rollout passed ({', '.join(f'{r.name} {r.weight:g}%' for r in staged.stages)}), "
             f"approved by {staged.approved_by}", *decision.reasons]})

@@ -50,13 +50,15 @@ class RolloutRecord(BaseModel):
 
 
 @flow(name="rollout", log_prints=True)
-def rollout(config: RunConfig, server_url: str | None = None) -> RolloutRecord:
+def rollout(config: RunConfig, server_url: str | None = None, version: str | None = None) -> RolloutRecord:
     """Roll the `candidate` out against the `champion` stage by stage; without server_url an embedded
-    serving process is started on 127.0.0.1. A failed stage sends all traffic back to the champion."""
+    serving process is started on 127.0.0.1. A failed stage sends all traffic back to the champion.
+    `version`: the version the release registered (the release passes it): the rollout refuses to start
+    when `candidate` points elsewhere (another release moved it)."""
     from npuflow.serving.options import ServeOptions
 
     settings, log, plan = Settings(), get_run_logger(), config.rollout
-    candidate, champion = resolve_versions_task(config.name)
+    candidate, champion = resolve_versions_task(config.name, version)
     log.info("rollout %s: candidate v%s against champion v%s", config.name, candidate.version, champion.version)
     prompts = prompts_from_text(load_eval_text(config.validation.eval_text))
     with ExitStack() as stack:

@@ -10,8 +10,10 @@ from pydantic import BaseModel, ConfigDict
 
 from npuflow.core.config import StageConfig
 from npuflow.core.errors import NpuflowError
+from npuflow.core.locks import model_line_lock
 from npuflow.core.names import Alias, Tag
 from npuflow.core.settings import Settings
+from npuflow.core.store import open_store
 from npuflow.registry import approval
 from npuflow.registry import client as registry
 from npuflow.registry.promotion import PromotionDecision, apply_promotion
@@ -35,8 +37,10 @@ def _client():
 
 
 @task(name="resolve-versions", cache_policy=NONE)
-def resolve_versions_task(name: str) -> tuple[registry.ModelVersion, registry.ModelVersion]:
-    """The candidate (challenger) and the champion; a rollout needs both, and two different versions.
+def resolve_versions_task(name: str, version: str | None = None) -> tuple[registry.ModelVersion,
+                                                                         registry.ModelVersion]:
+    """The candidate (challenger) and the champion; a rollout needs both, and two different versions, and
+    (when `version` is given: the release's) the candidate must be that version.
 
     A rolled-back candidate is refused. This rollout attempt is recorded on the candidate (its tag
     `rollout_attempt`, also in the returned version's tags) and any earlier approval is voided."""
@@ -49,6 +53,10 @@ def resolve_versions_task(name: str) -> tuple[registry.ModelVersion, registry.Mo
                            f"have {sorted(registry.aliases(c, name))}")
     if cand.version == champ.version:
         raise NpuflowError(f"{name}: the candidate (version {cand.version}) already is the champion")
+    if version is not None and cand.version != version:
+        raise NpuflowError(f"{name}: this release registered version {version} but `candidate` now points at "
+                           f"version {cand.version} (another release moved it); not rolling out someone "
+                           "else's version: re-run the release, or `npuflow rollout` that version explicitly")
     approval.refuse_rolled_back(cand)
     cand = approval.begin_attempt(c, cand, approval.new_attempt_id(flow_run.get_id()))
     get_run_logger().info("rollout attempt %s for %s v%s (an approval counts for this attempt only: tag "
@@ -122,7 +130,9 @@ def promote_rollout_task(url: str, candidate: registry.ModelVersion, champion: r
     decision = PromotionDecision(action="promote", reasons=reasons, candidate_version=candidate.version,
                                  champion_version=champion.version)
     c = _client()
-    apply_promotion(c, candidate, decision, approved_by=approved_by)
+    store = open_store(Settings().resolved_store_uri)
+    with model_line_lock(store, candidate.name, f"rollout promotion of {candidate.name} v{candidate.version}"):
+        apply_promotion(c, candidate, decision, approved_by=approved_by)  # aborts if the champion moved meanwhile
     canary.set_weights(url, 100, 0)
     canary.reload(url)
     return registry.aliases(c, candidate.name)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+from contextlib import ExitStack
 from typing import Annotated
 
 import typer
@@ -44,7 +46,10 @@ def rollback(name: Annotated[str, typer.Argument(help="Registered model name (th
     """Move `champion` back to `previous` and record who and why; reload a running server."""
     import getpass
 
+    from npuflow.core.errors import StoreError
+    from npuflow.core.locks import model_line_lock
     from npuflow.core.settings import Settings
+    from npuflow.core.store import open_store
     from npuflow.registry import client as registry
     from npuflow.registry.rollback import notify_server
     from npuflow.registry.rollback import rollback as do_rollback
@@ -53,8 +58,16 @@ def rollback(name: Annotated[str, typer.Argument(help="Registered model name (th
         who = actor or getpass.getuser()
     except (OSError, KeyError):  # no login name in some containers
         who = "unknown"
-    c = registry.client(Settings().resolved_tracking_uri)
-    result = do_rollback(c, name, reason, who)
+    settings = Settings()
+    c = registry.client(settings.resolved_tracking_uri)
+    lock = ExitStack()  # the model line's one-writer lock, waited for up to 2 minutes; a store that cannot be
+    try:  # reached does not block an emergency rollback (a release promoting meanwhile compares before writing)
+        lock.enter_context(model_line_lock(open_store(settings.resolved_store_uri), name, f"rollback by {who}",
+                                           wait_s=120))
+    except StoreError as err:
+        logging.getLogger("npuflow.rollback").warning("rolling back without the registry lock: %s", err)
+    with lock:
+        result = do_rollback(c, name, reason, who)
     data = result.model_dump()
     if server_url:
         state = notify_server(server_url, token, result.champion)
@@ -63,3 +76,4 @@ def rollback(name: Annotated[str, typer.Argument(help="Registered model name (th
     if not as_json:
         print(result.message, file=sys.stderr)
     emit(data, as_json, f"rollback {name}")
+

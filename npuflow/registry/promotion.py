@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from npuflow.core.config import PromotionConfig
+from npuflow.core.errors import NpuflowError
 from npuflow.core.names import LEGACY_ROLLBACK_REASON, Alias, RolloutState, Tag
 from npuflow.registry.client import ModelVersion, tag_version
 from npuflow.registry.tolerance import compare
@@ -69,6 +70,14 @@ def decide_promotion(
     return decision("promote", [f"not worse than champion v{champ_v} beyond tolerance", *c.notes])
 
 
+class AliasMovedError(NpuflowError):
+    """The aliases changed between the decision and its write: nothing is written."""
+
+
+def _v(version: str | None) -> str:
+    return f"version {version}" if version else "none"
+
+
 def apply_promotion(c, candidate: ModelVersion, decision: PromotionDecision, approved_by: str) -> dict[str, str]:
     """Record the decision on the version, then move the aliases; returns the aliases before."""
     from npuflow.registry.client import aliases, move_aliases, repair_alias_moves
@@ -76,6 +85,12 @@ def apply_promotion(c, candidate: ModelVersion, decision: PromotionDecision, app
     repair_alias_moves(c, candidate.name)  # a move a crash left half-done is finished first
     before = aliases(c, candidate.name)
     reason = " | ".join(decision.reasons)[:4900]
+    if decision.action in ("promote", "rollout") and before.get(Alias.CHAMPION) != decision.champion_version:
+        raise AliasMovedError(  # compare-before-write: the decision was made against another champion
+            f"{candidate.name}: the champion moved from {_v(decision.champion_version)} to "
+            f"{_v(before.get(Alias.CHAMPION))} since version {candidate.version} was compared with it (another "
+            "release, a rollback or a person); nothing was promoted. Re-run the release to compare with the "
+            "champion now")
     if decision.action == "promote":
         tag_version(c, candidate, {Tag.ROLLOUT: RolloutState.PROMOTED, Tag.PROMOTION_REASON: reason, Tag.APPROVED_BY: approved_by})
         move_aliases(c, candidate, {Alias.PREVIOUS: decision.champion_version, Alias.CHAMPION: candidate.version}

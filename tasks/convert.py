@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from npuflow.tasks.common import outcome
+from npuflow.tasks.common import IO_RETRY_DELAYS, outcome, retry_io_only
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
@@ -12,7 +12,8 @@ from npuflow.core.store import open_store
 from npuflow.stages.convert import convert
 
 
-@task(name="convert", cache_policy=NONE)
+@task(name="convert", retries=2, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_io_only,
+      cache_policy=NONE)  # store I/O that a retry can fix (the stages are content-addressed: a retry republishes nothing)
 def convert_task(quantized: QuantizedArtifact, cfg: ConvertConfig, store_uri: str, cache_dir: Path,
                  serving: ServingConfig | None = None) -> Deployable:
     """Load for the configured device (refused early when its runtime is missing, or when the serving

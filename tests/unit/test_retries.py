@@ -262,3 +262,36 @@ def test_local_store_write_failure_is_a_clear_permanent_error(tmp_path: Path) ->
     assert not ei.value.retryable
     with pytest.raises(FileNotFoundError):  # a missing local source is the caller's error, as before
         store.upload_file("k/g", tmp_path / "missing")
+
+
+@pytest.mark.parametrize("stage", ["convert", "validate", "benchmark"])
+def test_convert_validate_and_benchmark_retry_store_io_and_nothing_else(prefect_harness, monkeypatch,
+                                                                        tmp_path: Path, stage: str) -> None:
+    """Issue 13 hole 9: an S3 outage during convert failed the run at once. The stage function is replaced
+    by one that fails as the store does (a retryable StoreError, then a permanent one): the real task runs
+    under Prefect's retries, so a transient failure is tried again and a permanent one is not."""
+    import importlib
+
+    from prefect import flow
+
+    mod = importlib.import_module(f"npuflow.tasks.{stage}")
+    calls: list[int] = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise StoreError("S3 request failed: connection reset (retried)", retryable=True)
+        raise StoreError("S3 request failed: NoSuchBucket (not retried)", retryable=False)
+
+    monkeypatch.setattr(mod, stage, failing)
+    task_fn = getattr(mod, f"{stage}_task").with_options(retry_delay_seconds=0)
+    args = {"convert": (None, None, tmp_path.as_uri(), tmp_path), "validate": (None, None, None, tmp_path.as_uri(),
+            tmp_path), "benchmark": (None, None, tmp_path.as_uri(), tmp_path)}[stage]
+
+    @flow(name=f"{stage}-retries")
+    def run():
+        return task_fn(*args)
+
+    with pytest.raises(StoreError, match="NoSuchBucket"):
+        run()
+    assert len(calls) == 2  # the transient failure was retried once; the permanent one ended it

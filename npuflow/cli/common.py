@@ -40,3 +40,16 @@ def setup_logging(as_json: bool) -> None:
                         datefmt="%H:%M:%S")
     for noisy in ("alembic", "httpx", "urllib3", "botocore", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for engine in ("prefect.task_runs", "prefect.flow_runs"):  # they log every failure with its traceback
+        logging.getLogger(engine).addFilter(_known_errors_in_one_line)
+
+
+def _known_errors_in_one_line(record: logging.LogRecord) -> bool:
+    """Prefect's task and flow engines log a failed run with its traceback (twice: task, then flow), ~80
+    lines before npuflow's own message. For an NpuflowError (the message names the problem and the fix)
+    the line stays and the traceback goes; any other exception (a bug) keeps its traceback."""
+    from npuflow.core.errors import NpuflowError
+
+    if record.exc_info and isinstance(record.exc_info[1], NpuflowError):
+        record.exc_info, record.exc_text = None, None
+    return True

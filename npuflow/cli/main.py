@@ -23,6 +23,7 @@ def main() -> None:
     """Entry point: NpuflowError -> one clear message and its exit code (2 bad input, 1 failed stage)."""
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "npuflow")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry (offline: an error line)
     setup_logging("--json" in sys.argv)
     try:
         app(standalone_mode=False)

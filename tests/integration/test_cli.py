@@ -117,3 +117,15 @@ def test_benchmark_runtimes_side_by_side_and_bad_input(tiny_model_dir, tmp_path)
         proc = npuflow(*args, "--output", str(tmp_path / "never.json"), cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "never.json").exists()
+
+
+def test_a_failed_stage_is_one_clear_message_without_tracebacks(tmp_path):
+    """Issue 13 hole 9: a release whose source is not there printed two Prefect tracebacks (~80 lines)
+    before its message. Now: a line per failed attempt, no traceback, the message last, exit 1."""
+    cfg = tmp_path / "gone.yaml"
+    cfg.write_text(f"name: gone\nsource: {{uri: '{(tmp_path / 'nowhere').as_uri()}'}}\n")
+    proc = npuflow("run", str(cfg), cwd=tmp_path, env={"NPUFLOW_HOME": str(tmp_path / "home")})
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("npuflow: error:") == 1
+    assert len(proc.stderr.splitlines()) < 25, proc.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from npuflow.core.artifacts import Deployable, QuantizedArtifact, load_manifest, materialize
-from npuflow.core.errors import ConfigError, NpuflowError
+from npuflow.core.errors import ConfigError, IntegrityError, NpuflowError
 from npuflow.core.names import Alias, Runtime, Tag, runtime_label
 from npuflow.core.store import open_store
 from npuflow.registry import client as registry
@@ -35,6 +35,12 @@ def _find_quantized(deployable: Deployable, location: dict[str, str], store_uri:
         store = open_store(root)
         found = load_manifest(store, deployable.quantized_key, QuantizedArtifact)
         if found is not None:
+            if found.manifest_sha256 != deployable.quantized_manifest_sha256:  # the chain: version tag ->
+                raise IntegrityError(  # deployable (checked by deployable_of) -> this manifest -> file hashes
+                    f"the quantized weights' manifest at {store.url(deployable.quantized_key)} is not the one "
+                    f"this version was registered with (sha256 {found.manifest_sha256[:12]}…, registered "
+                    f"{deployable.quantized_manifest_sha256[:12]}…): the store was modified after the release; "
+                    "not serving it. Re-run the release to republish, or restore the store")
             return found, store
     raise NpuflowError(
         f"the quantized weights {deployable.quantized_key} are not in {' or '.join(dict.fromkeys(roots))}; "

@@ -415,3 +415,32 @@ def test_bad_input_to_the_challenger_is_a_400_and_never_takes_it_out(home, body,
         health = http.get(f"{url}/health").json()
         assert health["status"] == "ok" and health["challenger"]["status"] == "serving"
         assert complete(http, url, model=f"{NAME}@challenger").status_code == 200
+
+
+def test_weights_swapped_in_the_store_after_the_release_are_not_served(home, released, tmp_path, monkeypatch):
+    """Issue 13 hole 4: whoever could write the bucket could replace the quantized weights and their
+    manifest consistently (files and hashes) and the server loaded them while /health showed the
+    registered sha. The quantized manifest must be the one the deployable names."""
+    from npuflow.core.artifacts import Deployable, QuantizedArtifact, sha256_file
+    from npuflow.core.errors import IntegrityError
+    from npuflow.serving.loading import load_version
+
+    store = tmp_path / "store"
+    shutil.copytree(released / "artifacts", store)  # a private copy of the bucket to tamper with
+    monkeypatch.setenv("NPUFLOW_STORE_URI", store.as_uri())
+    c = client()
+    champion = registry.by_alias(c, NAME, Alias.CHAMPION)
+    dep, _ = registry.deployable_of(c, champion)
+    qdir = store / dep.quantized_key
+    manifest = QuantizedArtifact.model_validate({**json.loads((qdir / "manifest.json").read_text()), "uri": "x"})
+    name = next(n for n in manifest.files if n.endswith(".safetensors"))
+    weights = qdir / name
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # other weights...
+    weights.write_bytes(bytes(data))
+    files = {**manifest.files, name: manifest.files[name].model_copy(update={"sha256": sha256_file(weights)})}
+    swapped = manifest.model_copy(update={"files": files})  # ...and a manifest that vouches for them
+    (qdir / "manifest.json").write_bytes(swapped.manifest_bytes())
+    assert isinstance(dep, Deployable) and swapped.manifest_sha256 != dep.quantized_manifest_sha256
+    with pytest.raises(IntegrityError, match="not the one this version was registered with"):
+        load_version(c, champion, options())

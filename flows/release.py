@@ -18,7 +18,7 @@ from npuflow.core.config import RunConfig
 from npuflow.core.errors import GateFailedError
 from npuflow.core.locks import model_line_lock
 from npuflow.core.settings import Settings
-from npuflow.core.store import open_store
+from npuflow.core.store import open_store, sweep_leftovers
 
 
 class ReleaseResult(BaseModel):
@@ -42,6 +42,10 @@ def release(config: RunConfig) -> ReleaseResult:
     log = get_run_logger()
     log.info("release %s from %s -> store %s, tracking %s", config.name, config.source.uri, store,
              settings.resolved_tracking_uri)
+
+    swept = sweep_leftovers(open_store(store))  # temporary files and unfinished uploads of runs that died
+    if swept:
+        log.info("removed %d leftovers of crashed runs from the store: %s", len(swept), ", ".join(swept[:5]))
 
     # ---- build and measure ----
     model = fetch_task(config.source, config.name, store)

@@ -103,6 +103,8 @@ class LocalStore:
             return
         try:
             shutil.copyfile(path, tmp)
+            with open(tmp, "rb+") as f:  # on disk before it is visible under its name (as write_bytes)
+                os.fsync(f.fileno())
             os.replace(tmp, dest)
         except OSError as err:
             if err.filename == str(path):
@@ -297,6 +299,44 @@ def _progress_bar(desc: str, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False)
+
+
+LEFTOVER_AGE_S = 24 * 3600  # a temporary file or an unfinished upload this old belongs to a run that died
+
+
+def sweep_leftovers(store: Store, older_than_s: float = LEFTOVER_AGE_S) -> list[str]:
+    """Remove what writes that crashed left behind, older than `older_than_s` (a live run's are younger):
+    `.NAME.tmp-*` files in a local store, incomplete multipart uploads under an S3 store's prefix (which
+    S3 bills and never shows; `infra/s3-lifecycle.json` makes the bucket abort them as well). Returns
+    what was removed. Never touches a published object."""
+    import time
+
+    cutoff, removed = time.time() - older_than_s, []
+    if isinstance(store, LocalStore):
+        if not store.root.is_dir():
+            return []
+        for p in store.root.rglob(".*.tmp-*"):
+            try:
+                if p.is_file() and p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    removed.append(p.relative_to(store.root).as_posix())
+            except FileNotFoundError:
+                continue
+    elif isinstance(store, S3Store):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            pages = store.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=store.bucket, Prefix=f"{store.prefix}/" if store.prefix else "")
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    if up["Initiated"].timestamp() < cutoff:
+                        store.client.abort_multipart_upload(Bucket=store.bucket, Key=up["Key"],
+                                                            UploadId=up["UploadId"])
+                        removed.append(up["Key"])
+        except (ClientError, BotoCoreError) as err:
+            raise store._err(err, store.prefix or "") from None
+    return removed
 
 
 def open_store(uri: str) -> Store:

@@ -40,6 +40,7 @@ class Tag(StrEnum):
     RESTORED_FROM = "restored_from"
     NIGHTLY_CHECK = "nightly_check"  # a NightlyState
     NIGHTLY_CHECK_DATE = "nightly_check_date"
+    ARTIFACTS_LOST = "artifacts_lost"  # why (and when) the version's run artifacts were found unreadable
 
 
 # Registries written before the rollout and the rollback shared Tag.ROLLOUT_REASON carry this key instead.

@@ -8,6 +8,7 @@ import logging
 import subprocess
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -203,7 +204,20 @@ def find_by_artifact(c, name: str, artifact_sha256: str) -> ModelVersion | None:
     found = _read(c, f"searching {name} versions by artifact_sha256",
                   lambda: c.search_model_versions(f"name='{name}' and tags.artifact_sha256='{artifact_sha256}'"),
                   [])
+    found = [v for v in found if Tag.ARTIFACTS_LOST not in v.tags]  # a version whose artifacts are gone
     return _to_model(min(found, key=lambda v: int(v.version))) if found else None
+
+
+def artifacts_lost(c, version: ModelVersion) -> str | None:
+    """Why the version's deployable cannot be read back from its MLflow run (the store that held the run's
+    artifacts was lost or emptied), or None when it can."""
+    try:
+        deployable_of(c, version)
+    except IntegrityError:
+        raise  # modified, not lost: that is refused, never papered over
+    except NpuflowError as err:
+        return str(err)
+    return None
 
 
 def register(
@@ -223,6 +237,14 @@ def register(
     """
     name, sha = deployable.name, deployable.manifest_sha256
     existing = find_by_artifact(c, name, sha)
+    if existing is not None and (lost := artifacts_lost(c, existing)) is not None:
+        # the registry outlived its artifacts: that version can never load again; the artifact is registered
+        # anew (this run's artifacts) and the promotion hands a lost champion's aliases to the new version
+        log.warning("%s version %s (artifact %s…) has lost its run's artifacts: %s; registering it anew",
+                    name, existing.version, sha[:12], lost)
+        tag_version(c, existing, {Tag.ARTIFACTS_LOST: f"{datetime.now(UTC).isoformat(timespec='seconds')}: "
+                                                       f"{lost}"[:4900]})
+        existing = None
     if existing is not None:
         log.info("artifact %s… is already registered as %s version %s", sha[:12], name, existing.version)
         return existing

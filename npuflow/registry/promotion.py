@@ -59,6 +59,11 @@ def decide_promotion(
         return decision("promote", ["no champion yet: the first candidate that passes its gates takes over"])
     if champion.version == candidate.version:
         return decision("already_champion", [f"version {candidate.version} is already the champion"])
+    if Tag.ARTIFACTS_LOST in champion.tags and \
+            champion.tags.get(Tag.ARTIFACT_SHA256) == candidate.tags.get(Tag.ARTIFACT_SHA256):
+        return decision("promote", [f"champion v{champ_v} lost its artifacts ({champion.tags[Tag.ARTIFACTS_LOST]}); "
+                                    f"version {candidate.version} is the same artifact registered anew and "
+                                    "takes its place (no comparison or rollout: nothing changed but the copy)"])
     c = compare(candidate_metrics, champion_metrics, tol, tpot_regression_pct, f"champion v{champ_v}")
     if not c.passed:
         return decision("keep_champion", [f"worse than champion v{champ_v} beyond tolerance: "

@@ -201,3 +201,50 @@ def test_the_rollout_refuses_a_candidate_another_release_moved(tmp_path: Path, m
     c.set_registered_model_alias(NAME, Alias.CANDIDATE, "3")  # release B moved it after release A registered 2
     with pytest.raises(Exception, match="registered version 2 but `candidate` now points at version 3"):
         resolve_versions_task.fn(NAME, "2")
+
+
+def test_a_version_whose_artifacts_are_gone_is_registered_anew_and_takes_over(tmp_path: Path) -> None:
+    """Issue 13 hole 8: after the store was lost a rerun said `already registered: cache hit` and
+    `already_champion`, exited 0, and the champion could not be loaded (its run's deployable/ was gone)."""
+    import shutil
+
+    from npuflow.core.artifacts import (
+        Deployable,
+        GateResult,
+        ModelArtifact,
+        QuantizedArtifact,
+        ValidationReport,
+    )
+    from npuflow.core.config import PromotionConfig, parse_config
+    from npuflow.core.names import Tag
+    from npuflow.registry.promotion import promote
+
+    c = registry.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = tmp_path / "store" / "mlflow"  # the run artifacts live in the store, as in a release
+    exp = registry.experiment_id(c, NAME, runs.as_uri())
+    cfg = parse_config({"name": NAME, "source": {"uri": "file:///nowhere"}})
+    model = ModelArtifact(uri="file:///m", key="m", name=NAME, source_uri="file:///nowhere", files={}, hf_config={})
+    quant = QuantizedArtifact(uri="file:///q", key="q", name=NAME, source_manifest_sha256="1" * 64,
+                              scheme="w8a16", format="native", files={}, quantized_tensors=1, float_tensors=1,
+                              size_bytes=1)
+    dep = Deployable(uri="file:///d", key="d", name=NAME, quantized_manifest_sha256="9" * 64, quantized_key="q",
+                     device="cpu", device_name="cpu", runtime="npuflow-eager", dtype="float32", kernels={},
+                     versions={}, smoke_logits_sha256="2" * 64)
+    val = ValidationReport(uri="file:///v", key="v", deployable_manifest_sha256=dep.manifest_sha256,
+                           eval_text_sha256="4" * 64, eval_tokens=100, metrics={"ppl_candidate": 2.0},
+                           gates={"ppl": GateResult(value=0.0, threshold=1.0, op="<=", passed=True)})
+
+    def release() -> tuple[registry.ModelVersion, str]:
+        run_id = registry.log_pipeline_run(c, exp, cfg, dep, val, None, None)
+        v = registry.register(c, run_id, model, quant, dep, val)
+        return v, promote(c, v, PromotionConfig(strategy="rollout"), 5.0, approved_by="t").action
+
+    v1, action = release()
+    assert (v1.version, action) == ("1", "promote")
+    shutil.rmtree(runs)  # the store is lost (the bucket recreated empty)
+    v2, action = release()
+    assert (v2.version, v2.newly_registered, action) == ("2", True, "promote")  # before: "1", False, already_champion
+    assert Tag.ARTIFACTS_LOST in c.get_model_version(NAME, "1").tags
+    assert registry.aliases(c, NAME)[Alias.CHAMPION] == "2" and registry.deployable_of(c, v2)[0].name == NAME
+    v3, action = release()  # and the next rerun is a cache hit again
+    assert (v3.version, v3.newly_registered, action) == ("2", False, "already_champion")

@@ -79,7 +79,7 @@ def stage_task(url: str, name: str, stage: StageConfig, prompts: list[str], cand
         empty = canary.LoadSummary(sent=0, by_role={}, failed=0, elapsed_s=0.0)
         return StageRecord(name=stage.name, weight=stage.weight, verdict=verdict, load=empty,
                            challenger=VersionStats(version=candidate), champion=VersionStats(version=champion))
-    canary.set_weights(url, 100 - stage.weight, stage.weight)
+    canary.set_weights(url, 100 - stage.weight, stage.weight, lease_s=canary.lease_for(stage))
     before = canary.read_stats(url, name)
     t0 = time.monotonic()
     load = canary.run_load(url, name, prompts, stage, max_tokens, concurrency)

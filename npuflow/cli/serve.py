@@ -13,6 +13,27 @@ from npuflow.cli.common import app
 from npuflow.core.errors import ConfigError
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: only this machine can connect."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve to any interface
+        return False
+
+
+def refuse_open_without_token(host: str, token: str | None) -> None:
+    """A server on an address other machines can reach needs a bearer token: ConfigError without one."""
+    if not token and not is_loopback(host):
+        raise ConfigError(f"refusing to bind {host} without a token: anyone who can reach it could send "
+                          "completions, change the routing weights and reload versions. Set NPUFLOW_SERVE_TOKEN "
+                          "(or --token) to a secret that clients send as `Authorization: Bearer <token>`, or "
+                          "bind 127.0.0.1")
+
+
 @app.command()
 def serve(config: Annotated[Path | None, typer.Argument(
               help="YAML run config: its `name` is served from the registry (champion and challenger).")] = None,
@@ -33,7 +54,7 @@ def serve(config: Annotated[Path | None, typer.Argument(
                    "0-100; the champion gets the rest. Change it at run time: POST /admin/weights.")] = 0.0,
           token: Annotated[str | None, typer.Option(
               envvar="NPUFLOW_SERVE_TOKEN", show_envvar=True,
-              help="Bearer token required on /v1 and /admin (default: none).")] = None,
+              help="Bearer token required on /v1 and /admin (default: none; needed off loopback).")] = None,
           max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 256,
           engine: Annotated[str | None, typer.Option(
               help="With --model: npuflow (in process, default) or vllm (a vLLM child process; "
@@ -49,6 +70,7 @@ def serve(config: Annotated[Path | None, typer.Argument(
     if (config is None) == (model is None):
         raise ConfigError("give a run CONFIG (serve its registered champion) or --model DIR (a quantized "
                           "directory), not both and not neither")
+    refuse_open_without_token(host, token)  # before anything is loaded
     from npuflow.core.config import ServingConfig
 
     run_cfg = load_config(config) if config is not None else None
@@ -72,10 +94,6 @@ def serve(config: Annotated[Path | None, typer.Argument(
     from npuflow.serving.options import ServeOptions
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a server's log, not a terminal
-    if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        logging.getLogger("npuflow.serve").warning(
-            "binding %s without a token: anyone who can reach it may change weights and reload "
-            "(set NPUFLOW_SERVE_TOKEN)", host)
     settings = Settings()
     opts = ServeOptions(
         name=cfg_name, tracking_uri=settings.resolved_tracking_uri, store_uri=settings.resolved_store_uri,

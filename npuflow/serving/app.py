@@ -11,7 +11,11 @@ by weight. `create_app(pool)` is the FastAPI app around it
   GET  /v1/models[/{id}]      the model ids a request may name: NAME (weighted), NAME@champion, NAME@challenger
   GET  /health           versions served, weights, why a challenger is out of rotation (no auth)
   GET  /metrics          Prometheus text, labelled per model version (no auth)
-  POST /admin/weights    {"champion": 90, "challenger": 10}: relative routing weights, >= 0
+  POST /admin/weights    {"champion": 90, "challenger": 10}: relative routing weights, >= 0; with
+                         "lease_s": 60 the challenger's weight is a lease: unless posted again within 60 s
+                         it returns to 0 (all traffic to the champion; "canary weight lease expired" in
+                         /health). The staged rollout always leases and renews; without lease_s the weights
+                         stand until changed
   POST /admin/reload     re-resolve the aliases (after a promotion or a rollback) and load what changed
 
 Guarantees: the champion is never dropped to load a challenger (a new champion is loaded beside the old

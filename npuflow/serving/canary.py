@@ -1,7 +1,13 @@
-"""Rollout against a serving process over HTTP: routing weights, a bounded load generator, /metrics stats.
+"""Rollout against a serving process over HTTP: leased routing weights, a bounded load generator, /metrics stats.
 
 The serving process is `npuflow serve` (npuflow.serving.app.create_app); its admin token, if it has one, comes from
-the environment variable NPUFLOW_SERVE_TOKEN. `embedded_server` runs that app in this process on 127.0.0.1.
+the environment variable NPUFLOW_SERVE_TOKEN. `embedded_server` runs that app in this process on 127.0.0.1 with a
+random token of its own, which every request made here to its URL sends.
+
+Canary weights are a lease (POST /admin/weights with lease_s): set_weights starts a daemon thread that renews
+them every third of the lease until the weights are set again for that server. A rollout that dies (SIGKILL
+included) stops renewing, and the server sends all traffic back to the champion once the lease lapses: within
+one analysis window (lease_for), never left at a canary share by a process that is gone.
 """
 
 from __future__ import annotations
@@ -9,12 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict
@@ -25,6 +33,17 @@ from npuflow.serving.promstats import VersionStats, parse_metrics
 
 log = logging.getLogger("npuflow.canary")
 TIMEOUT_S = 60.0  # per HTTP request, seconds
+LEASE_MIN_S = 10.0  # shortest weights lease, seconds: a stage with (almost) no minimum duration still gets this
+RENEW_EVERY = 1 / 3  # renewals at this fraction of the lease: two may fail or run slow before it lapses
+
+
+def lease_for(stage: StageConfig) -> float:
+    """A stage's canary weight lease, seconds: one analysis window (min_duration_s, the shortest interval a
+    stage is judged on; 60 s by default), at least LEASE_MIN_S."""
+    return max(stage.min_duration_s, LEASE_MIN_S)
+
+
+DEFAULT_LEASE_S = lease_for(StageConfig(name="canary"))  # the default stage's window, 60 s
 
 
 class LoadSummary(BaseModel):
@@ -35,33 +54,99 @@ class LoadSummary(BaseModel):
     elapsed_s: float
 
 
-def _headers() -> dict[str, str]:
-    token = os.environ.get("NPUFLOW_SERVE_TOKEN")
+_tokens: dict[str, str] = {}  # URL -> bearer token of the servers embedded_server runs in this process
+
+
+def _headers(url: str) -> dict[str, str]:
+    token = _tokens.get(url) or os.environ.get("NPUFLOW_SERVE_TOKEN")
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
-def set_weights(url: str, champion: float, challenger: float) -> dict:
-    """Set the routing weights (relative) and return the server's answer; raises on an HTTP error."""
-    r = httpx.post(f"{url}/admin/weights", json={"champion": champion, "challenger": challenger},
-                   headers=_headers(), timeout=TIMEOUT_S)
+def _post_weights(url: str, body: dict[str, Any], timeout_s: float) -> dict:
+    r = httpx.post(f"{url}/admin/weights", json=body, headers=_headers(url), timeout=timeout_s)
     if r.status_code != 200:
         raise NpuflowError(f"{url}/admin/weights answered {r.status_code}: {r.text[:300]}")
     return r.json()
 
 
+class _Renewal(threading.Thread):
+    """Re-posts one server's leased weights every RENEW_EVERY of the lease until stopped; gives up once a
+    whole lease has passed without a successful renewal (the server has sent the traffic back by then)."""
+
+    def __init__(self, url: str, body: dict[str, Any], lease_s: float):
+        super().__init__(name="npuflow-weights-lease", daemon=True)
+        self.url, self.body, self.lease_s = url, body, lease_s
+        self.stopped = threading.Event()
+        self.posting = threading.Lock()  # held while a renewal is in flight
+
+    def run(self) -> None:
+        every, last_ok = self.lease_s * RENEW_EVERY, time.monotonic()
+        while not self.stopped.wait(every):
+            with self.posting:
+                if self.stopped.is_set():
+                    return
+                try:
+                    _post_weights(self.url, self.body, timeout_s=every)
+                    last_ok = time.monotonic()
+                except Exception as err:  # unreachable, refused, anything: logged, retried at the next tick
+                    lapsed = time.monotonic() - last_ok >= self.lease_s
+                    log.warning("renewing the weights lease on %s failed%s: %s", self.url,
+                                " for a whole lease: stopped (the server has given the champion all traffic)"
+                                if lapsed else "", err)
+                    if lapsed:
+                        return
+
+    def stop(self) -> None:
+        self.stopped.set()
+        with self.posting:  # a renewal in flight lands before whatever is posted next
+            pass
+
+
+_renewals: dict[str, _Renewal] = {}
+_renewals_lock = threading.Lock()
+
+
+def stop_renewing(url: str) -> None:
+    """Stop renewing the weights lease on `url` (it lapses on the server within its lease_s)."""
+    with _renewals_lock:
+        renewal = _renewals.pop(url, None)
+    if renewal is not None:
+        renewal.stop()
+
+
+def set_weights(url: str, champion: float, challenger: float, lease_s: float | None = DEFAULT_LEASE_S) -> dict:
+    """Set the routing weights (relative) and return the server's answer; raises on an HTTP error.
+
+    A challenger weight > 0 is sent as a lease of lease_s seconds (lease_for(stage) in a rollout), renewed from
+    a daemon thread of this process until the next set_weights for `url` (or stop_renewing); lease_s None:
+    permanent weights, not renewed."""
+    stop_renewing(url)
+    body: dict[str, Any] = {"champion": champion, "challenger": challenger}
+    lease = lease_s if challenger > 0 else None
+    if lease is not None:
+        body["lease_s"] = lease
+    answer = _post_weights(url, body, TIMEOUT_S)
+    if lease is not None:
+        renewal = _Renewal(url, body, lease)
+        with _renewals_lock:
+            _renewals[url] = renewal
+        renewal.start()
+    return answer
+
+
 def reload(url: str) -> dict:
-    r = httpx.post(f"{url}/admin/reload", headers=_headers(), timeout=300)
+    r = httpx.post(f"{url}/admin/reload", headers=_headers(url), timeout=300)
     if r.status_code != 200:
         raise NpuflowError(f"{url}/admin/reload answered {r.status_code}: {r.text[:300]}")
     return r.json()
 
 
 def health(url: str) -> dict:
-    return httpx.get(f"{url}/health", timeout=TIMEOUT_S).json()
+    return httpx.get(f"{url}/health", headers=_headers(url), timeout=TIMEOUT_S).json()
 
 
 def read_stats(url: str, model: str) -> dict[str, VersionStats]:
-    r = httpx.get(f"{url}/metrics", timeout=TIMEOUT_S)
+    r = httpx.get(f"{url}/metrics", headers=_headers(url), timeout=TIMEOUT_S)
     r.raise_for_status()
     return parse_metrics(r.text, model)
 
@@ -93,7 +178,7 @@ def run_load(url: str, model: str, prompts: list[str], stage: StageConfig, max_t
 
     def one(http: httpx.Client, prompt: str, model_id: str) -> None:
         try:
-            r = http.post(f"{url}/v1/completions", headers=_headers(), timeout=TIMEOUT_S,
+            r = http.post(f"{url}/v1/completions", headers=_headers(url), timeout=TIMEOUT_S,
                           json={"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
             role = r.headers.get("x-model-role", "unknown") if r.status_code == 200 else None
         except httpx.HTTPError:
@@ -137,15 +222,18 @@ def _free_port() -> int:
 
 
 @contextmanager
-def embedded_server(opts) -> Iterator[str]:
+def embedded_server(opts, make_pool: Callable | None = None) -> Iterator[str]:
     """`npuflow serve` in this process (uvicorn in a thread) on 127.0.0.1 and a free port; yields its URL.
-    opts: npuflow.serving.options.ServeOptions."""
+    opts: npuflow.serving.options.ServeOptions. It requires a bearer token (opts.token, else a random one),
+    which the functions of this module send to its URL. make_pool(opts) -> ModelPool: the pool to serve
+    (default npuflow.serving.loading.registry_pool: the registry's versions)."""
     import uvicorn
 
     from npuflow.serving.app import create_app
     from npuflow.serving.loading import registry_pool
 
-    pool = registry_pool(opts)
+    opts = opts.model_copy(update={"token": opts.token or secrets.token_urlsafe(32)})
+    pool = (make_pool or registry_pool)(opts)
     pool.reload()
     server = uvicorn.Server(uvicorn.Config(create_app(pool), host="127.0.0.1", port=_free_port(),
                                            log_level="warning"))
@@ -156,8 +244,12 @@ def embedded_server(opts) -> Iterator[str]:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise NpuflowError("the embedded serving process did not start within 60 s")
         time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.config.port}"
+    _tokens[url] = opts.token
     try:
-        yield f"http://127.0.0.1:{server.config.port}"
+        yield url
     finally:
+        stop_renewing(url)
+        _tokens.pop(url, None)
         server.should_exit = True
         thread.join(timeout=30)

@@ -4,6 +4,12 @@ The pool is handed two functions and knows nothing of MLflow or the store:
   resolve(alias) -> ModelVersion | None   where an alias points now (None: it points nowhere)
   load(version)  -> LoadedModel           the version loaded and checked (raises when it cannot be)
 `npuflow.serving.loading.registry_pool` builds them from the registry; tests hand in their own.
+
+Weights set with a lease (set_weights(..., lease_s=...), POST /admin/weights {"lease_s": ...}) hold the
+challenger's share only while whoever set them renews them: a lease that passes unrenewed sends all
+traffic back to the champion (challenger weight 0, the event LEASE_EXPIRED in /health). It is checked on
+every routing decision and in health(), and a timer checks it when it falls due, so it expires with no
+traffic at all.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +31,7 @@ from npuflow.serving.options import ServeOptions
 from npuflow.serving.protocol import ApiError
 
 log = logging.getLogger("npuflow.serve")
+LEASE_EXPIRED = "canary weight lease expired"  # the pool event (and /health reason) when a lease lapses
 
 
 @dataclass
@@ -33,6 +41,12 @@ class _Slot:
     version: str | None = None  # the version the alias pointed at when last resolved
     reason: str | None = None  # why it is not serving (out of rotation), or None
     since: str | None = None  # when it was taken out, UTC ISO
+
+
+@dataclass
+class _Lease:
+    seconds: float  # as requested
+    until: float  # time.monotonic() when it lapses unless renewed
 
 
 def _now() -> str:
@@ -54,6 +68,9 @@ class ModelPool:
         self.weights: dict[str, float] = {Role.CHAMPION: opts.champion_weight,
                                           Role.CHALLENGER: opts.challenger_weight}
         self.events: list[dict[str, str]] = []  # last reloads and rotation changes, newest last
+        self._lease: _Lease | None = None  # the challenger's weight lease, while one is held
+        self._lease_expired: dict[str, Any] | None = None  # the last lapse, until weights are set again
+        self._lease_timer: threading.Timer | None = None
         self.on_change: Callable[[], None] = lambda: None  # called after the served set or weights change
 
     def _event(self, what: str, **kw: str) -> None:
@@ -160,6 +177,8 @@ class ModelPool:
         """Stop every engine (server shutdown): engine threads, and vLLM process groups waited for."""
         with self._lock:
             models = [s.model for s in (self.champion, self.challenger) if s.model is not None]
+            if self._lease_timer is not None:
+                self._lease_timer.cancel()
         for lm in models:
             lm.close(wait=True)
 
@@ -175,11 +194,78 @@ class ModelPool:
         self._event("challenger out of rotation", version=version or "?", reason=reason)
         self.on_change()
 
-    def set_weights(self, weights: dict[str, float]) -> None:
+    def set_weights(self, weights: dict[str, float], lease_s: float | None = None) -> dict[str, float]:
+        """Merge `weights` over the current ones and return the result; ValueError when both would be 0.
+
+        With lease_s and a challenger weight > 0 the challenger's share holds for lease_s seconds: setting the
+        weights again (with lease_s) renews it; unrenewed, the challenger's weight returns to 0 (the
+        champion's to 100 if it was 0). Without lease_s the weights stand until changed (a person's choice)."""
         with self._lock:
-            self.weights = {**self.weights, **weights}
-        self._event("weights", **{k: f"{v:g}" for k, v in self.weights.items()})
+            expired = self._expire_lease()
+            before, held = dict(self.weights), self._lease is not None
+            new = {**self.weights, **weights}
+            valid = new[Role.CHAMPION] + new[Role.CHALLENGER] > 0
+            if valid:
+                self.weights = new
+                self._lease = None
+                if lease_s is not None and new[Role.CHALLENGER] > 0:
+                    self._lease = _Lease(lease_s, time.monotonic() + lease_s)
+                leased = self._lease is not None
+                self._lease_expired = None
+                self._arm_lease_timer()
+        if not valid:
+            if expired:
+                self.on_change()
+            raise ValueError("at least one weight must be > 0")
+        if new == before and held and leased:  # a renewal: no event (renewals would crowd out the rest)
+            log.debug("weights lease renewed for %g s", lease_s)
+        else:
+            lease = {"lease_s": f"{lease_s:g}"} if leased else {}
+            self._event("weights", **{k: f"{v:g}" for k, v in new.items()}, **lease)
         self.on_change()
+        return new
+
+    def _expire_lease(self) -> bool:
+        """Under self._lock: end a lease that has passed (True when this call ended it)."""
+        lease = self._lease
+        if lease is None or time.monotonic() < lease.until:
+            return False
+        self._lease = None
+        old = self.weights[Role.CHALLENGER]
+        self.weights = {Role.CHAMPION: self.weights[Role.CHAMPION] or 100.0, Role.CHALLENGER: 0.0}
+        self._lease_expired = {"reason": LEASE_EXPIRED, "at": _now(), "lease_s": lease.seconds,
+                               "challenger_weight_was": old}
+        self._event(LEASE_EXPIRED, lease_s=f"{lease.seconds:g}", challenger_weight_was=f"{old:g}",
+                    reason="not renewed in time: all traffic back to the champion")
+        return True
+
+    def _arm_lease_timer(self) -> None:
+        """Under self._lock: one timer, due when the lease is (none without a lease)."""
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+            self._lease_timer = None
+        if self._lease is not None:
+            t = threading.Timer(max(self._lease.until - time.monotonic(), 0.0) + 0.01, self._lease_due)
+            t.daemon, t.name = True, "npuflow-weights-lease"
+            t.start()
+            self._lease_timer = t
+
+    def _lease_due(self) -> None:
+        with self._lock:
+            expired = self._expire_lease()
+            if not expired and self._lease is not None and self._lease_timer is threading.current_thread():
+                self._arm_lease_timer()  # woke early
+        if expired:
+            self.on_change()
+
+    def _lease_state(self) -> dict[str, Any] | None:
+        """Under self._lock: the lease held (active), the last one that lapsed (expired), or None."""
+        if self._lease is not None:
+            return {"state": "active", "lease_s": self._lease.seconds,
+                    "expires_in_s": round(max(self._lease.until - time.monotonic(), 0.0), 3)}
+        if self._lease_expired is not None:
+            return {"state": "expired", **self._lease_expired}
+        return None
 
     def effective_weights(self) -> dict[str, float]:
         """Weights as routed: 0 for a challenger that is absent or out of rotation."""
@@ -188,6 +274,10 @@ class ModelPool:
 
     def acquire(self, pin: Role | None = None) -> tuple[Role, LoadedModel]:
         """Pick a version for one request (weighted unless pinned) and count it in flight; release() after."""
+        with self._lock:
+            expired = self._expire_lease()
+        if expired:
+            self.on_change()
         with self._lock:
             w = self.effective_weights()
             if pin is not None:
@@ -218,7 +308,8 @@ class ModelPool:
 
     def health(self) -> dict[str, Any]:
         with self._lock:
-            eff = self.effective_weights()
+            expired = self._expire_lease()
+            eff, lease = self.effective_weights(), self._lease_state()
 
             def slot(role: Role, s: _Slot) -> dict[str, Any] | None:
                 if s.model is None and s.version is None:
@@ -232,14 +323,16 @@ class ModelPool:
                         "engine": _engine_state(m, self.opts.stall_s) if m else None}
 
             champ, chal = slot(Role.CHAMPION, self.champion), slot(Role.CHALLENGER, self.challenger)
+        if expired:
+            self.on_change()
         stalled = [s for s in (champ, chal) if s and s["engine"] and s["engine"]["stalled"]]
         down = [s for s in (champ, chal) if s and s["engine"] and not s["engine"].get("alive", True)]
         if stalled:
             return {"status": "stalled", "model": self.opts.name, "champion": champ, "challenger": chal,
-                    "weights": eff, "events": list(self.events)}
+                    "weights": eff, "weights_lease": lease, "events": list(self.events)}
         degraded = self.champion.reason is not None or bool(down) or (chal is not None and chal["status"] != "serving")
         return {"status": "degraded" if degraded else "ok", "model": self.opts.name, "champion": champ,
-                "challenger": chal, "weights": eff, "events": list(self.events)}
+                "challenger": chal, "weights": eff, "weights_lease": lease, "events": list(self.events)}
 
 
 def _engine_state(lm: LoadedModel, stall_s: float) -> dict[str, Any]:

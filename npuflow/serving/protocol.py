@@ -137,12 +137,17 @@ class ChatCompletionRequest(_Sampling):
     response_format: dict[str, Any] | None = None
 
 
+LEASE_MAX_S = 86400.0  # longest weights lease, seconds (longer: set permanent weights, without lease_s)
+
+
 class WeightsRequest(BaseModel):
-    """POST /admin/weights: relative routing weights, >= 0."""
+    """POST /admin/weights: relative routing weights, >= 0; lease_s: the challenger's weight lapses to 0
+    unless the weights are posted again within this many seconds (absent: the weights stand until changed)."""
 
     model_config = ConfigDict(extra="forbid")
     champion: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
     challenger: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
+    lease_s: float | None = Field(None, gt=0, le=LEASE_MAX_S, allow_inf_nan=False, strict=True)  # a JSON number
 
 
 class Usage(BaseModel):

@@ -140,15 +140,16 @@ async def weights(request: Request):
         w = WeightsRequest.model_validate(await json_body(request))
     except ValidationError as err:
         raise bad_request(*validation_message(err)) from None
-    new = {**pool.weights, **w.model_dump(exclude_none=True)}
-    if new[Role.CHAMPION] + new[Role.CHALLENGER] <= 0:
-        raise bad_request("at least one weight must be > 0")
-    pool.set_weights(new)
+    try:  # merged over the current weights in the pool, after any lease that lapsed has returned its traffic
+        new = pool.set_weights(w.model_dump(exclude_none=True, exclude={"lease_s"}), lease_s=w.lease_s)
+    except ValueError as err:
+        raise bad_request(str(err)) from None
     note = None
     if new[Role.CHALLENGER] > 0 and pool.challenger.model is None:
         reason = pool.challenger.reason or "no challenger version"
         note = f"the challenger is not in rotation ({reason}): its weight applies after a good reload"
-    return {"weights": pool.health()["weights"], "requested": pool.weights, "note": note}
+    h = pool.health()
+    return {"weights": h["weights"], "requested": new, "lease": h["weights_lease"], "note": note}
 
 
 @router.post("/admin/reload")

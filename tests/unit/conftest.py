@@ -85,3 +85,21 @@ def quantized_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_random_ll
     out.mkdir()
     quantize_dir(tiny_random_llama_dir, out, QuantizationConfig())
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_w8a16(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model quantized W8A16 (the default QuantizationConfig), once per session; do not edit it."""
+    out = tmp_path_factory.mktemp("demo") / "w8a16"
+    out.mkdir()
+    quantize_dir(tiny_model_dir, out, QuantizationConfig())
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_w8a16: Path):
+    """demo_w8a16 loaded on the CPU in float32: (model, tokenizer)."""
+    from npuflow.runtime.backends import cpu
+    from npuflow.runtime.loader import load_quantized, load_tokenizer
+
+    return load_quantized(demo_w8a16, cpu, torch.float32), load_tokenizer(demo_w8a16)

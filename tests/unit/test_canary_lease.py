@@ -14,14 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from npuflow.cli.serve import is_loopback
-from npuflow.core.config import QuantizationConfig, StageConfig
+from npuflow.core.config import StageConfig
 from npuflow.core.names import Role
-from npuflow.quant.streaming import quantize_dir
-from npuflow.runtime.backends import cpu
-from npuflow.runtime.loader import load_quantized, load_tokenizer
 from npuflow.serving import canary
 from npuflow.serving.options import ServeOptions
 from npuflow.serving.pool import LEASE_EXPIRED, ModelPool
@@ -30,14 +26,6 @@ from tests.unit.test_pool import Registry, _pool
 REPO = Path(__file__).resolve().parents[2]
 LEASE = 0.3  # seconds: short enough to wait out in a test
 
-
-@pytest.fixture(scope="module")
-def demo_model(tiny_model_dir: Path, tmp_path_factory):
-    """The demo model quantized (w8a16) and loaded, as in test_pool: (model, tokenizer)."""
-    out = tmp_path_factory.mktemp("lease") / "w8a16"
-    out.mkdir()
-    quantize_dir(tiny_model_dir, out, QuantizationConfig())
-    return load_quantized(out, cpu, torch.float32), load_tokenizer(out)
 
 
 def _picks(pool: ModelPool, n: int = 60) -> set[str]:

@@ -16,14 +16,6 @@ from npuflow.runtime.scheduler import Scheduler, generate, stream
 
 
 @pytest.fixture(scope="module")
-def demo_w8a16(tiny_model_dir: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("engine") / "w8a16"
-    out.mkdir()
-    quantize_dir(tiny_model_dir, out, QuantizationConfig())
-    return out
-
-
-@pytest.fixture(scope="module")
 def prompt(tiny_model_dir: Path) -> torch.Tensor:
     tok = load_tokenizer(tiny_model_dir)
     return torch.tensor([tok("the cat sees the dog . what color is the apple ?")["input_ids"]])  # (1, T)

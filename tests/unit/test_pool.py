@@ -13,14 +13,10 @@ import pytest
 import torch
 
 from npuflow.core.artifacts import Deployable
-from npuflow.core.config import QuantizationConfig
 from npuflow.core.errors import NpuflowError
 from npuflow.core.names import Alias, Role, Tag
-from npuflow.quant.streaming import quantize_dir
 from npuflow.registry.client import ModelVersion
-from npuflow.runtime.backends import cpu
 from npuflow.runtime.engine import Engine, SamplingParams
-from npuflow.runtime.loader import load_quantized, load_tokenizer
 from npuflow.runtime.scheduler import stream
 from npuflow.serving.completions import ServingCompletions
 from npuflow.serving.generation import Batcher, Run
@@ -29,14 +25,6 @@ from npuflow.serving.metrics import ServeMetrics
 from npuflow.serving.options import ServeOptions
 from npuflow.serving.pool import ModelPool
 from npuflow.serving.protocol import ApiError, ChatCompletionRequest
-
-
-@pytest.fixture(scope="module")
-def demo_model(tiny_model_dir: Path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pool") / "w8a16"
-    out.mkdir()
-    quantize_dir(tiny_model_dir, out, QuantizationConfig())
-    return load_quantized(out, cpu, torch.float32), load_tokenizer(out)
 
 
 class Registry:

@@ -99,6 +99,9 @@ def _file_lock(store, key: str, note: dict, wait_s: float) -> Iterator[None]:
         os.close(fd)
 
 
+_LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")  # another writer's write won
+
+
 def _code(err) -> str:
     return str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
 
@@ -112,15 +115,13 @@ def _s3_lock(store, key: str, note: dict, wait_s: float, lease_s: float) -> Iter
     def body() -> bytes:
         return json.dumps({**note, "expires_at": time.time() + lease_s}).encode()
 
-    etag = None
-    deadline = time.monotonic() + wait_s
-    holder = "unknown"
-    while etag is None:
+    deadline, holder = time.monotonic() + wait_s, "unknown"
+    while True:
         try:
             etag = s3.put_object(Bucket=bucket, Key=k, Body=body(), IfNoneMatch="*")["ETag"]
             break
         except ClientError as err:
-            if _code(err) not in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            if _code(err) not in _LOST_RACE:
                 raise store._err(err, key) from None
         except BotoCoreError as err:
             raise store._err(err, key) from None
@@ -132,8 +133,7 @@ def _s3_lock(store, key: str, note: dict, wait_s: float, lease_s: float) -> Iter
                 etag = s3.put_object(Bucket=bucket, Key=k, Body=body(), IfMatch=seen)["ETag"]
                 break
         except ClientError as err:
-            if _code(err) not in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409",
-                                  "404"):
+            if _code(err) not in (*_LOST_RACE, "NoSuchKey", "404"):  # changed or released meanwhile: try again
                 raise store._err(err, key) from None
         except (BotoCoreError, ValueError) as err:
             raise store._err(err, key) from None

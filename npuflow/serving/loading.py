@@ -80,7 +80,7 @@ def kv_slots(cfg, dtype: torch.dtype, context: int, max_batch: int, budget: int,
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    per_slot = 2 * cfg.num_hidden_layers * kv_heads * head_dim * context * torch.empty(0, dtype=dtype).element_size()
+    per_slot = 2 * cfg.num_hidden_layers * kv_heads * head_dim * context * dtype.itemsize
     gib = 2**30
     if per_slot > budget:
         raise NpuflowError(f"version {label}: one sequence of its {context}-token context needs "

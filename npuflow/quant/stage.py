@@ -23,12 +23,13 @@ from npuflow.core.artifacts import (
 from npuflow.core.config import QuantizationConfig
 from npuflow.core.errors import ConfigError
 from npuflow.core.store import Store
+from npuflow.formats.mlmodel import write_mlmodel
 from npuflow.quant.fallback import quantize_with_fallback
 from npuflow.quant.model import quantize_model
 
 log = logging.getLogger("npuflow.quantize")
 
-CODE_VERSION = "quantize-3"  # bump when the output of a scheme changes, so old cache keys miss
+CODE_VERSION = "quantize-4"  # bump when the output of a scheme changes (4: the MLmodel), so old keys miss
 
 
 def quantize(model: ModelArtifact, cfg: QuantizationConfig, store: Store, cache_root: Path,
@@ -49,6 +50,7 @@ def quantize(model: ModelArtifact, cfg: QuantizationConfig, store: Store, cache_
     with staging_dir("quantize") as tmp:
         out = Path(tmp)
         qm = quantize_with_fallback(src, out, cfg, validation) if scoring else quantize_model(src, out, cfg)
+        write_mlmodel(out)  # the registered version loads with mlflow.pyfunc (formats/mlmodel.py)
         files: dict[str, FileEntry] = hash_dir(out)
         weights = sum(files[n].size for n in qm["files"])
         artifact = QuantizedArtifact(

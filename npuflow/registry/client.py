@@ -253,7 +253,10 @@ def register(
     gates = "passed" if validation.passed else "failed"
     tags = {
         "source_uri": model.source_uri,
-        "source_revision": model.source_revision or "",
+        # the hub's commit; a directory or bucket has none, so the content address of what was fetched
+        # (the source manifest: every file's sha256) stands in, prefixed so it is never read as a commit
+        "source_revision": model.source_revision or f"manifest-sha256:{model.manifest_sha256}",
+        "source_manifest_sha256": model.manifest_sha256,
         "quant_scheme": quantized.scheme,
         "format": quantized.format,
         "device": deployable.device,
@@ -268,14 +271,37 @@ def register(
     description = version_description(
         validation, benchmark.metrics if benchmark else None, champion,
         run_metrics(c, champion) if champion else None, run_id,
-        f"{run.info.artifact_uri}/reports/report.html" if benchmark else None, url,
+        report_link(c.tracking_uri, run_id, run.info.artifact_uri) if benchmark else None, url,
     )
-    v = c.create_model_version(name, source=f"runs:/{run_id}/deployable", run_id=run_id, tags=tags,
+    v = c.create_model_version(name, source=version_source(c, quantized, run_id), run_id=run_id, tags=tags,
                                description=description, run_link=url)
     if validation.passed:
         c.set_registered_model_alias(name, Alias.CANDIDATE, v.version)
     log.info("registered %s version %s (gates %s)", name, v.version, gates)
     return _to_model(c.get_model_version(name, v.version), newly=True)
+
+
+def version_source(c, quantized: QuantizedArtifact, run_id: str) -> str:
+    """What `models:/NAME/N` downloads: the quantized artifact in the store (weights, config, tokenizer, its
+    manifest and an MLmodel), so MLflow's own tools fetch and load the version, with nothing copied.
+
+    A tracking server refuses a local path outside the run's artifacts as a source, and a local store is
+    unreachable from a reviewer's machine anyway: with a file:// store behind a server the source is the
+    run's deployable/ (its manifest and where the weights are), and the release says so."""
+    if quantized.uri.startswith("file:") and c.tracking_uri.startswith(("http://", "https://")):
+        log.warning("the store is a local directory and MLflow is a server: models:/%s gives the deployable "
+                    "manifest only (the weights stay at %s); use an S3 store for versions a reviewer on "
+                    "another machine can download", quantized.name, quantized.uri)
+        return f"runs:/{run_id}/deployable"
+    return quantized.uri
+
+
+def report_link(tracking_uri: str, run_id: str, artifact_uri: str) -> str:
+    """A link to the run's report.html a reviewer can open: the server's artifact endpoint when MLflow is a
+    server, the artifact store's own URI otherwise (a local path for a local MLflow)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/get-artifact?path=reports/report.html&run_uuid={run_id}"
+    return f"{artifact_uri}/reports/report.html"
 
 
 # ---- the version's description: what the reviewer approves -------------------------------------------

@@ -148,7 +148,7 @@ def _check(f: SourceFile, actual_sha256: str, path: Path, source: str) -> None:
 class _FileSource:
     def __init__(self, uri: str):
         self.root = file_uri_path(uri)
-        self.uri, self.revision = uri, None
+        self.uri, self.revision = self.root.resolve().as_uri(), None  # absolute: the registry records it
         if not self.root.is_dir():
             raise NpuflowError(f"source directory {self.root} does not exist (from {uri})")
 
@@ -289,7 +289,7 @@ def fetch(cfg: SourceConfig, name: str, store: Store) -> ModelArtifact:
             raise NpuflowError(f"config.json from {cfg.uri} is not valid JSON: {err}") from None
         key = _key(name, files)
         artifact = ModelArtifact(
-            uri=store.url(key), key=key, name=name, source_uri=cfg.uri, source_revision=src.revision,
+            uri=store.url(key), key=key, name=name, source_uri=src.uri, source_revision=src.revision,
             files=entries, hf_config=hf_config,
         )
         log.info("publishing %d files (%.1f MB) to %s", len(entries), sum(e.size for e in entries.values()) / 1e6, artifact.uri)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -62,11 +63,47 @@ def test_release_registers_champion_then_second_run_is_all_cache_hits(
     with sqlite3.connect(db) as con:
         assert ("champion", int(first.version)) in con.execute("select alias, version from registered_model_aliases").fetchall()
 
+    _review_with_mlflow_tools(c, champion, npuflow_home.parent / "reviewer")
+
     second = release(cfg)
     assert second.version == first.version and not second.registered_new_version
     assert second.decision == "already_champion"
     assert all(second.cache_hits.values()), second.cache_hits
     assert len(c.search_model_versions("name='tiny-llama'")) == 1
+
+
+def _review_with_mlflow_tools(c, champion, dst: Path) -> None:
+    """What a reviewer on another machine does with MLflow alone (issue 13 hole 10): read the tags, open the
+    report, download the version and load it. Before: a relative source_uri, an empty revision, a version
+    whose download held two pointer files (manifest.json, location.json) and no MLmodel."""
+    import mlflow
+
+    from npuflow.core.artifacts import QuantizedArtifact, verify_files
+
+    assert champion.tags["source_uri"].startswith("file:///"), champion.tags["source_uri"]  # absolute
+    assert Path(champion.tags["source_uri"].removeprefix("file://")).is_dir()
+    assert champion.tags["source_revision"] == f"manifest-sha256:{champion.tags['source_manifest_sha256']}"
+    text = c.get_model_version(champion.name, champion.version).description
+    report = text.split("- Report: ")[1].split("(")[1].split(")")[0]  # the link beside runs:/…/report.html
+    assert Path(report.removeprefix("file://")).is_file(), report
+    uri = f"models:/{champion.name}@champion"
+    mlflow.set_registry_uri(c.tracking_uri)  # models:/ URIs resolve against the registry URI
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst)))
+        model = mlflow.pyfunc.load_model(uri, suppress_warnings=True)
+    finally:
+        mlflow.set_registry_uri("")
+    names = {p.name for p in local.iterdir()}
+    assert {"MLmodel", "manifest.json", "config.json", "quant_manifest.json", "model.safetensors"} <= names
+    published = json.loads((local / "manifest.json").read_bytes())
+    quantized = QuantizedArtifact.model_validate({**published, "uri": local.as_uri()})
+    verify_files(local, quantized.files)  # the weights themselves, as hashed when they were published
+    deployable, _ = registry.deployable_of(c, champion)
+    assert quantized.manifest_sha256 == deployable.quantized_manifest_sha256  # the registered chain
+    out = model.predict(["the cat sat on", "one two three"], params={"max_tokens": 6})
+    assert len(out) == 2 and all(isinstance(t, str) and t.strip() for t in out), out
+    again = model.predict(["one two three"], params={"max_tokens": 6})
+    assert again == out[1:]  # greedy: the same continuation alone as in a batch
 
 
 def test_sha256_mismatch_fails_fetch_and_registers_nothing(prefect_harness, npuflow_home, tiny_source):
@@ -132,3 +169,17 @@ def test_s3_store_and_s3_source_put_every_artifact_in_the_bucket(
     # the registered version points at the artifact in the bucket
     champion = registry.by_alias(mlflow_client(), "tiny-llama", Alias.CHAMPION)
     assert champion.tags["artifact_uri"].startswith("s3://npuflow/team-a/models/tiny-llama/deployable/")
+    # a reviewer downloads the version from the bucket with MLflow alone: the weights, not pointers
+    import mlflow
+
+    assert champion.tags["source_uri"] == "s3://upstream/tiny-llama"
+    c = mlflow_client()
+    mlflow.set_registry_uri(c.tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts("models:/tiny-llama@champion",
+                                                         dst_path=str(npuflow_home.parent / "reviewer")))
+    finally:
+        mlflow.set_registry_uri("")
+    assert c.get_model_version("tiny-llama", champion.version).source.startswith(
+        "s3://npuflow/team-a/models/tiny-llama/quantized/")
+    assert {"MLmodel", "manifest.json", "model.safetensors", "quant_manifest.json"} <= {p.name for p in local.iterdir()}

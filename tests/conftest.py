@@ -49,6 +49,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_mlflow_server(d: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on d/mlflow.db (sqlite), one worker, on 127.0.0.1:port; its log in d/server.log.
+    Started again on the same d and port it serves the same registry (a restarted server)."""
+    log = open(d / "server.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+         "--default-artifact-root", (d / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=log, start_new_session=True,
+    )
+    log.close()
+    if not wait_until_up(f"http://127.0.0.1:{port}/health", proc, timeout_s=180):
+        proc.kill()
+        raise RuntimeError(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
+    return proc
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """moto's standalone S3 server in its own process on 127.0.0.1 and a free port."""

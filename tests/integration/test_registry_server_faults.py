@@ -7,7 +7,6 @@ mocked.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import threading
 import urllib.error
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, wait_until_up
+from tests.conftest import free_port, start_mlflow_server
 
 pytestmark = pytest.mark.integration
 
@@ -61,22 +60,11 @@ class _Proxy(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on sqlite, one worker, on 127.0.0.1 and a free port."""
-    d = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    log = open(d / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-         "--default-artifact-root", (d / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=log,
-    )
-    url = f"http://127.0.0.1:{port}"
-    if not wait_until_up(f"{url}/health", proc, timeout_s=180):
-        proc.kill()
-        raise RuntimeError(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
-    yield url
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
-    log.close()
 
 
 @pytest.fixture

@@ -124,6 +124,12 @@ def load_reference(model_dir: Path, device: torch.device, dtype: torch.dtype = t
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
 
+def stop_token_ids(eos_token_id, tokenizer) -> frozenset[int]:
+    """The ids that end a completion: the model config's eos_token_id (an id or a list) and the tokenizer's."""
+    ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+    return frozenset(i for i in [*ids, tokenizer.eos_token_id] if i is not None)
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 

@@ -15,7 +15,7 @@ from npuflow.core.store import open_store
 from npuflow.registry import client as registry
 from npuflow.runtime.backends import get_backend
 from npuflow.runtime.engine import Engine
-from npuflow.runtime.loader import DTYPES, load_quantized, load_tokenizer
+from npuflow.runtime.loader import DTYPES, load_quantized, load_tokenizer, stop_token_ids
 from npuflow.serving.generation import Batcher, on_own_thread
 from npuflow.serving.loaded import LoadedModel
 from npuflow.serving.options import ServeOptions
@@ -121,7 +121,6 @@ def _load_local(model_dir: Path, version: registry.ModelVersion, deployable: Dep
     model = load_quantized(model_dir, backend, DTYPES[deployable.dtype])  # graph mode: the engine compiles
     tokenizer = load_tokenizer(model_dir)
     cfg = model.config
-    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id, tokenizer.eos_token_id]
     context = int(cfg.max_position_embeddings)
     budget = int(opts.kv_cache_gib * 2**30) if opts.kv_cache_gib else kv_budget_bytes(backend.device())
     slots = kv_slots(cfg, DTYPES[deployable.dtype], context, opts.max_batch, budget, version.version)
@@ -134,7 +133,7 @@ def _load_local(model_dir: Path, version: registry.ModelVersion, deployable: Dep
         raise NpuflowError(f"{version.name} version {version.version} produced NaN/Inf logits when loaded")
     lm = LoadedModel(version=version, deployable=deployable, model=model, tokenizer=tokenizer, engine=engine,
                      batcher=Batcher(engine, version.version, max_request_s=opts.max_request_s),
-                     device=backend.device(), context=context, eos=frozenset(i for i in eos if i is not None),
+                     device=backend.device(), context=context, eos=stop_token_ids(cfg.eos_token_id, tokenizer),
                      vocab_size=int(cfg.vocab_size))
     log.info("loaded %s version %s (%s, %s) from %s", version.name, version.version, deployable.device,
              deployable.dtype, model_dir)
@@ -152,8 +151,6 @@ def load_remote(model_dir: Path, version: registry.ModelVersion, deployable: Dep
     hf = json.loads((model_dir / "config.json").read_text())
     context = min(int(hf.get("max_position_embeddings", 2048)), cfg.max_model_len or 1 << 30)
     tokenizer = load_tokenizer(model_dir)
-    eos_cfg = hf.get("eos_token_id")
-    eos = [*(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg]), tokenizer.eos_token_id]
     process = None
     if cfg.url is not None:
         url, served = connect(cfg.url, version.version)
@@ -172,7 +169,7 @@ def load_remote(model_dir: Path, version: registry.ModelVersion, deployable: Dep
              deployable.device, deployable.dtype, model_dir)
     return LoadedModel(version=version, deployable=deployable, model=None, engine=None, batcher=None,
                        tokenizer=tokenizer, device=torch.device("cpu"), context=context,
-                       eos=frozenset(i for i in eos if i is not None), remote=remote,
+                       eos=stop_token_ids(hf.get("eos_token_id"), tokenizer), remote=remote,
                        vocab_size=int(hf.get("vocab_size", 0)))
 
 

@@ -22,7 +22,7 @@ from npuflow.core.errors import ConfigError, IntegrityError
 from npuflow.formats.mlmodel import DEFAULT_MAX_TOKENS
 from npuflow.runtime.backends import get_backend
 from npuflow.runtime.engine import Engine, SamplingParams
-from npuflow.runtime.loader import load_quantized, load_tokenizer, resolve_dtype
+from npuflow.runtime.loader import load_quantized, load_tokenizer, resolve_dtype, stop_token_ids
 from npuflow.runtime.scheduler import Scheduler
 
 DEVICES = ("cpu", "cuda", "npu")
@@ -36,10 +36,8 @@ class QuantizedPyfunc:
         backend = get_backend(device)
         self.model = load_quantized(path, backend, resolve_dtype(dtype, backend))
         self.tokenizer = load_tokenizer(path)
-        cfg = self.model.config
-        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
-        self.stop = frozenset(i for i in [*eos, self.tokenizer.eos_token_id] if i is not None)
-        self.max_batch, self.context = max_batch, int(cfg.max_position_embeddings)
+        self.stop = stop_token_ids(self.model.config.eos_token_id, self.tokenizer)
+        self.max_batch, self.context = max_batch, int(self.model.config.max_position_embeddings)
         self.engine = Engine(self.model, max_len=self.context, slots=max_batch)
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:

@@ -26,7 +26,14 @@ import boto3
 import pytest
 import yaml
 
-from npuflow.core.artifacts import Deployable, load_manifest, verify_files
+from npuflow.core.artifacts import (
+    Deployable,
+    FileEntry,
+    QuantizedArtifact,
+    load_manifest,
+    materialize,
+    verify_files,
+)
 from npuflow.core.names import Alias
 from npuflow.core.store import open_store
 from npuflow.registry import client as registry
@@ -87,13 +94,7 @@ def assert_every_manifest_whole(store_root: Path) -> None:
     """A manifest present means every file it lists is there with its recorded hash."""
     for manifest in (store_root / "models").rglob("manifest.json"):
         files = json.loads(manifest.read_text()).get("files") or {}
-        verify_files(manifest.parent, {k: _entry(v) for k, v in files.items()})
-
-
-def _entry(v: dict):
-    from npuflow.core.artifacts import FileEntry
-
-    return FileEntry(**v)
+        verify_files(manifest.parent, {k: FileEntry(**v) for k, v in files.items()})
 
 
 def versions_in(db: Path) -> int:
@@ -301,7 +302,5 @@ def test_s3_endpoint_down_mid_upload_is_retried_and_no_half_artifact_is_visible(
     assert len(quantized_manifests()) == 1
     store = open_store("s3://faults/p")
     key = quantized_manifests()[0].removeprefix("p/").removesuffix("/manifest.json")
-    from npuflow.core.artifacts import QuantizedArtifact, materialize
-
     found = load_manifest(store, key, QuantizedArtifact)
     materialize(store, key, found.files, npuflow_home / "check")  # downloads and verifies every hash

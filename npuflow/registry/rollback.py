@@ -7,7 +7,9 @@ After `rollback(c, name, ...)` on champion vB, previous vA:
   vB tags   rollout=rolled_back, rolled_back_to=A, rollout_reason, rolled_back_by, rolled_back_at
   vA tags   rollout=restored, restored_from=B, rollout_reason, rolled_back_by, rolled_back_at
 The tags are written before the aliases move (a crash in between leaves the aliases as they were and a
-re-run finishes the job). A second call finds no `previous` but a champion restored from a rolled-back
+re-run finishes the job). The aliases are read again just before they are written: when another writer
+moved `champion` or `previous` since the rollback read them, AliasMovedError and no alias is written; they
+are read back after the write as well. A second call finds no `previous` but a champion restored from a rolled-back
 version: it changes nothing and says so. No `previous` and no such record: NpuflowError (exit 1).
 """
 
@@ -53,7 +55,7 @@ def rollback(c, name: str, reason: str, actor: str) -> RollbackResult:
                 "another version, point the `champion` alias at it (MLflow UI or client) or re-run its "
                 "release"
             )
-        _finish_aliases(c, name, champ, src)
+        _finish_aliases(c, name, champ, src, expect={Alias.CHAMPION: champ})
         return RollbackResult(
             name=name, action="already_rolled_back", champion=champ, rolled_back=src,
             message=f"already rolled back: version {champ} is champion since version {src} was rolled back "
@@ -68,7 +70,7 @@ def rollback(c, name: str, reason: str, actor: str) -> RollbackResult:
     assert old is not None and new is not None  # both aliases were just read
     registry.tag_version(c, old, {Tag.ROLLOUT: RolloutState.ROLLED_BACK, Tag.ROLLED_BACK_TO: prev, **note})
     registry.tag_version(c, new, {Tag.ROLLOUT: RolloutState.RESTORED, Tag.RESTORED_FROM: champ, **note})
-    _finish_aliases(c, name, prev, champ)
+    _finish_aliases(c, name, prev, champ, expect={Alias.CHAMPION: champ, Alias.PREVIOUS: prev})
     log.info("%s: champion version %s -> %s (rolled back by %s: %s)", name, champ, prev, actor, reason)
     return RollbackResult(
         name=name, action="rolled_back", champion=prev, rolled_back=champ,
@@ -83,14 +85,28 @@ def _version(c, name: str, version: str):
     return registry._read(c, f"reading {name} version {version}", lambda: c.get_model_version(name, version), None)
 
 
-def _finish_aliases(c, name: str, champion: str, rolled_back: str) -> None:
-    """champion -> the restored version; no previous; no candidate pointing at the rolled-back version."""
-    cand = registry.aliases(c, name).get(Alias.CANDIDATE)
-    registry.set_aliases(c, name, {
-        Alias.CHAMPION: champion,
-        Alias.PREVIOUS: None,
-        **({Alias.CANDIDATE: None} if cand == rolled_back else {}),
-    })
+def _finish_aliases(c, name: str, champion: str, rolled_back: str, expect: dict[str, str]) -> None:
+    """champion -> the restored version; no previous; no candidate pointing at the rolled-back version.
+    Compare-before-write: `expect` is what the rollback read; anything else now is AliasMovedError."""
+    from npuflow.registry.promotion import AliasMovedError
+
+    now = registry.aliases(c, name)
+    moved = {a: now.get(a) for a, v in expect.items() if now.get(a) != v}
+    if moved:
+        raise AliasMovedError(
+            f"{name}: the aliases moved while the rollback ran (it read {_say(expect)}, MLflow now reads "
+            f"{_say(moved)}); "
+            "another release, rollout or rollback wrote them. No alias was changed by this rollback (its tags "
+            f"on versions {rolled_back} and {champion} are written): check `npuflow models {name}` "
+            "and re-run the rollback if it is still wanted")
+    wanted = {Alias.CHAMPION: champion, Alias.PREVIOUS: None,
+              **({Alias.CANDIDATE: None} if now.get(Alias.CANDIDATE) == rolled_back else {})}
+    registry.set_aliases(c, name, wanted)
+    registry._verify_aliases(c, name, wanted)
+
+
+def _say(aliases: dict[str, str | None]) -> str:
+    return ", ".join(f"{a} {f'version {v}' if v else 'unset'}" for a, v in aliases.items())
 
 
 def notify_server(url: str, token: str | None, expect_champion: str,

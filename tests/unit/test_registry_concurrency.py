@@ -248,3 +248,32 @@ def test_a_version_whose_artifacts_are_gone_is_registered_anew_and_takes_over(tm
     assert registry.aliases(c, NAME)[Alias.CHAMPION] == "2" and registry.deployable_of(c, v2)[0].name == NAME
     v3, action = release()  # and the next rerun is a cache hit again
     assert (v3.version, v3.newly_registered, action) == ("2", False, "already_champion")
+
+
+def test_a_rollback_whose_aliases_moved_meanwhile_writes_no_alias(tmp_path: Path, monkeypatch) -> None:
+    """Champion v2 (previous v1) is rolled back while another writer makes v3 champion between the
+    rollback's read and its write: the rollback writes no alias, names what moved; v3 stays champion."""
+    from npuflow.registry import rollback as rb
+    from npuflow.registry.promotion import AliasMovedError
+
+    c = registry.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    c.create_registered_model(NAME)
+    for _ in range(3):
+        c.create_model_version(NAME, source="runs:/x/deployable", tags={"gates": "passed"})
+    c.set_registered_model_alias(NAME, Alias.CHAMPION, "2")
+    c.set_registered_model_alias(NAME, Alias.PREVIOUS, "1")
+    tag = registry.tag_version
+
+    def tag_and_race(cl, version, tags):
+        tag(cl, version, tags)
+        c.set_registered_model_alias(NAME, Alias.CHAMPION, "3")  # the other writer, after the first read
+
+    monkeypatch.setattr(registry, "tag_version", tag_and_race)
+    said = r"rollback ran \(it read champion version 2, previous version 1, MLflow now reads champion version 3\)"
+    with pytest.raises(AliasMovedError, match=said):
+        rb.rollback(c, NAME, "bad canary", "tester")
+    assert registry.aliases(c, NAME) == {Alias.CHAMPION: "3", Alias.PREVIOUS: "1"}
+    monkeypatch.setattr(registry, "tag_version", tag)
+    c.set_registered_model_alias(NAME, Alias.CHAMPION, "2")  # the race over: the same call now rolls back
+    assert rb.rollback(c, NAME, "bad canary", "tester").champion == "1"
+    assert registry.aliases(c, NAME) == {Alias.CHAMPION: "1"}

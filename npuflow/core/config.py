@@ -76,12 +76,21 @@ class QuantizationConfig(_Frozen):
     scheme: Literal["w8a16", "w4a16"] = "w8a16"  # w8a16: int8 symmetric per channel; w4a16: int4 asym per group
     group_size: Literal[32, 64, 128] | None = None  # w4a16 only: input channels per scale (default 128)
     method: Literal["rtn", "gptq"] = "rtn"  # round-to-nearest, or GPTQ (calibrated, arXiv:2210.17323)
-    calibration: CalibrationConfig = CalibrationConfig()  # used by method gptq and by fallback auto
+    calibration: CalibrationConfig = CalibrationConfig()  # used by gptq, sensitivity and fallback auto
     ignore: tuple[str, ...] = ("model.embed_tokens", "lm_head")  # fnmatch patterns kept in float
-    sensitivity: bool = True  # write sensitivity.json: each quantized linear's output error on calibration data
+    # write sensitivity.json: each quantized linear's output error on calibration data (a forward pass of
+    # the calibration text, layer by layer); off unless asked, on by default with fallback auto (it needs it)
+    sensitivity: bool = False
     fallback: Literal["none", "auto"] = "none"  # auto: keep the most sensitive layers float until gates pass
     fallback_budget: int = Field(4, ge=0)  # at most this many extra float layers (a fused group counts once)
     format: Literal["native", "msmodelslim", "compressed-tensors"] = "native"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fallback_measures(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("fallback") == "auto" and "sensitivity" not in data:
+            return {**data, "sensitivity": True}  # fallback auto ranks the layers by their sensitivity
+        return data
 
     @model_validator(mode="after")
     def _pairs(self) -> QuantizationConfig:

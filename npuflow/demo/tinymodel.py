@@ -32,6 +32,8 @@ _BATCH = 16  # windows per optimizer step
 _LR = 3e-3  # peak AdamW learning rate
 _WARMUP = 30  # steps of linear warmup before cosine decay
 _SPECIALS = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": "<pad>"}
+# key and value in the demo model's config.json: the built-in corpora calibrate this model and no other
+DEMO_MARKER = ("npuflow_demo", "tiny-llama")
 # A plain chat template (the demo model was trained on sentences, not dialogues: chat answers continue
 # the text): each message on its own line as "role: content", then "assistant:" to answer.
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -186,6 +188,7 @@ def _llama_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> Lla
         pad_token_id=pad_id,
         dtype="float32",
         architectures=["LlamaForCausalLM"],
+        **dict([DEMO_MARKER]),
     )
 
 

@@ -71,9 +71,11 @@ class CalibrationConfig(_Frozen):
 
 
 class QuantizationConfig(_Frozen):
-    """Weight-only quantization of the linear layers."""
+    """Quantization of the linear layers: weight-only (w8a16, w4a16) or weights and activations (w8a8*)."""
 
-    scheme: Literal["w8a16", "w4a16"] = "w8a16"  # w8a16: int8 symmetric per channel; w4a16: int4 asym per group
+    # w8a16: int8 symmetric per channel; w4a16: int4 asym per group; w8a8: int8 weights per channel and int8
+    # activations, one static scale + offset per linear from calibration; w8a8-dynamic: per-token scales at run time
+    scheme: Literal["w8a16", "w4a16", "w8a8", "w8a8-dynamic"] = "w8a16"
     group_size: Literal[32, 64, 128] | None = None  # w4a16 only: input channels per scale (default 128)
     method: Literal["rtn", "gptq"] = "rtn"  # round-to-nearest, or GPTQ (calibrated, arXiv:2210.17323)
     calibration: CalibrationConfig = CalibrationConfig()  # used by gptq, sensitivity and fallback auto
@@ -84,6 +86,8 @@ class QuantizationConfig(_Frozen):
     fallback: Literal["none", "auto"] = "none"  # auto: keep the most sensitive layers float until gates pass
     fallback_budget: int = Field(4, ge=0)  # at most this many extra float layers (a fused group counts once)
     format: Literal["native", "msmodelslim", "compressed-tensors"] = "native"
+    # w8a8 schemes: SmoothQuant migration strength a in s = max|X|^a / max|W|^(1-a) (arXiv:2211.10438); null: none
+    smoothquant_alpha: float | None = Field(0.5, ge=0.0, le=1.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -94,21 +98,27 @@ class QuantizationConfig(_Frozen):
 
     @model_validator(mode="after")
     def _pairs(self) -> QuantizationConfig:
+        import fnmatch
+
         if self.fallback == "auto" and not self.sensitivity:
             raise ValueError("fallback auto ranks layers by sensitivity: it needs sensitivity: true")
-        if self.scheme == "w8a16" and self.group_size is not None:
-            raise ValueError("group_size applies to w4a16 only: w8a16 has one scale per output channel")
-        if self.format == "msmodelslim" and self.scheme != "w8a16":
+        if self.scheme != "w4a16" and self.group_size is not None:
+            raise ValueError(f"group_size applies to w4a16 only: {self.scheme} has one scale per output channel")
+        if self.format == "msmodelslim" and self.scheme == "w4a16":
             raise ValueError(
-                "format msmodelslim: supported: w8a16 (vllm-ascend has no dense W4A16 method); "
+                "format msmodelslim: supported: w8a16, w8a8, w8a8-dynamic (vllm-ascend has no dense W4A16 method); "
                 "for w4a16 use format native or compressed-tensors"
             )
+        if self.scheme.startswith("w8a8") and self.method != "rtn":
+            raise ValueError(f"scheme {self.scheme}: supported method: rtn (weights rounded after SmoothQuant)")
+        if self.scheme.startswith("w8a8"):  # activation ranges are calibrated for the decoder linears only
+            for module in ("model.embed_tokens", "lm_head"):
+                if not any(fnmatch.fnmatch(module, p) for p in self.ignore):
+                    raise ValueError(f"scheme {self.scheme}: keep {module} in quantization.ignore (it stays float)")
         # what each serving engine cannot take quantized: msmodelslim has no quantized embedding lookup,
         # vLLM's compressed-tensors quantizes linear layers only (its lm_head is an embedding class)
         must_float = {"msmodelslim": ("model.embed_tokens",),
                       "compressed-tensors": ("model.embed_tokens", "lm_head")}.get(self.format, ())
-        import fnmatch
-
         for module in must_float:
             if not any(fnmatch.fnmatch(module, p) for p in self.ignore):
                 raise ValueError(f"format {self.format}: keep {module} in quantization.ignore (it must stay float)")

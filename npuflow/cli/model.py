@@ -52,8 +52,11 @@ def quantize(source: Annotated[str, typer.Argument(help="Model directory, or fil
              group_size: Annotated[int | None, typer.Option(help="w4a16: 32, 64 or 128 (default 128).")] = None,
              method: Annotated[str, typer.Option(help="rtn or gptq (calibrated).")] = "rtn",
              fmt: Annotated[str, typer.Option("--format", help="native, msmodelslim or compressed-tensors.")] = "native",
-             calibration: Annotated[str, typer.Option(help="Calibration text for gptq (file://, s3://, builtin:).")]
-             = "builtin:tiny-corpus-train",
+             calibration: Annotated[str | None, typer.Option(
+                 help="Calibration text for gptq and --sensitivity (file://, s3://; .jsonl: the \"text\" fields); "
+                      "builtin:tiny-corpus-train (the default) is accepted for the demo model only.")] = None,
+             sensitivity: Annotated[bool, typer.Option(
+                 help="Also write sensitivity.json (each linear's output error on the calibration text).")] = False,
              ignore: Annotated[list[str] | None, typer.Option(help="Module patterns kept in float (repeatable).")] = None,
              as_json: JsonOpt = False) -> None:
     """Quantize a model shard by shard; OUTPUT appears only when complete."""
@@ -66,7 +69,7 @@ def quantize(source: Annotated[str, typer.Argument(help="Model directory, or fil
     try:
         cfg = QuantizationConfig(
             scheme=scheme, group_size=group_size, method=method, format=fmt,
-            calibration=CalibrationConfig(text=calibration),
+            calibration=CalibrationConfig(**({"text": calibration} if calibration else {})), sensitivity=sensitivity,
             **({"ignore": tuple(ignore)} if ignore is not None else {}),
         )
     except ValueError as err:

@@ -22,13 +22,12 @@ def quantize_with_fallback(model_dir: Path, out_dir: Path, cfg: QuantizationConf
 
     from npuflow.core.text import load_eval_text, make_windows
     from npuflow.eval.quality import compare, evaluate_gates
-    from npuflow.quant.gptq import calibration_windows
-    from npuflow.quant.sensitivity import rtn_sensitivity
+    from npuflow.quant.sensitivity import calibration_inputs, rtn_sensitivity
     from npuflow.runtime.backends import cpu
     from npuflow.runtime.loader import load_quantized, load_reference, load_tokenizer
 
-    cal = cfg.calibration
-    windows = calibration_windows(model_dir, load_eval_text(cal.text), cal.samples, cal.seq_len)
+    # the scoring text is checked with the calibration text, before any work
+    windows = calibration_inputs(model_dir, cfg, {"validation.eval_text": validation.eval_text})
     errors = rtn_sensitivity(model_dir, get_handler(cfg), tuple(cfg.ignore), windows)
     ranking = rank_groups(errors)
     tok = load_tokenizer(model_dir)

@@ -19,9 +19,8 @@ def quantize_model(model_dir: Path, out_dir: Path, cfg: QuantizationConfig,
     GPTQ calibrates layer by layer first (its per-linear errors are the report); with RTN the report is
     measured separately on the same calibration windows unless `errors` is given.
     """
-    from npuflow.core.text import load_eval_text
-    from npuflow.quant.gptq import calibration_windows, gptq_quantize
-    from npuflow.quant.sensitivity import rtn_sensitivity
+    from npuflow.quant.gptq import gptq_quantize
+    from npuflow.quant.sensitivity import calibration_inputs, rtn_sensitivity
 
     cal = cfg.calibration
     ignore = tuple(cfg.ignore) + tuple(float_layers)
@@ -29,13 +28,13 @@ def quantize_model(model_dir: Path, out_dir: Path, cfg: QuantizationConfig,
                     "calibration": cal.model_dump(), "float_layers": sorted(float_layers)}
     if cfg.method == "rtn":
         if cfg.sensitivity and errors is None:
-            windows = calibration_windows(model_dir, load_eval_text(cal.text), cal.samples, cal.seq_len)
+            windows = calibration_inputs(model_dir, cfg)
             errors = rtn_sensitivity(model_dir, get_handler(cfg), ignore, windows)
         qm = quantize_dir(model_dir, out_dir, cfg, float_layers=float_layers)
         report["output_error"] = {k: v for k, v in (errors or {}).items() if k in qm["tensors"]
                                   and qm["tensors"][k]["quantized"]}
     else:
-        windows = calibration_windows(model_dir, load_eval_text(cal.text), cal.samples, cal.seq_len)
+        windows = calibration_inputs(model_dir, cfg)  # refuses the demo corpus on another model, no tokenizer
         with staging_dir("gptq") as work:
             result = gptq_quantize(model_dir, get_handler(cfg), ignore, windows, Path(work))
             qm = quantize_dir(model_dir, out_dir, cfg, precomputed=result, float_layers=float_layers)

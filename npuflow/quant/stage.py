@@ -24,6 +24,7 @@ from npuflow.core.config import QuantizationConfig
 from npuflow.core.errors import ConfigError
 from npuflow.core.store import Store
 from npuflow.formats.mlmodel import write_mlmodel
+from npuflow.quant.checkpoint import check_calibration
 from npuflow.quant.fallback import quantize_with_fallback
 from npuflow.quant.model import quantize_model
 
@@ -46,6 +47,8 @@ def quantize(model: ModelArtifact, cfg: QuantizationConfig, store: Store, cache_
     if found is not None:
         log.info("cache hit: %s", found.uri)
         return found
+    texts = {"validation.eval_text": validation.eval_text} if scoring else None
+    check_calibration(cfg, model.hf_config, model.files, texts)  # before the weights are materialized
     src = materialize(store, model.key, model.files, cache_root)
     with staging_dir("quantize") as tmp:
         out = Path(tmp)

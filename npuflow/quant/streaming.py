@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 import npuflow
 from npuflow.core.artifacts import hash_dir
@@ -72,7 +73,7 @@ def quantize_dir(
     lookup = precomputed.get if isinstance(precomputed, Mapping) else precomputed
     ignore = tuple(cfg.ignore) + tuple(float_layers)
     tensors: dict[str, dict] = {}
-    for shard in shard_names(model_dir):
+    for shard in tqdm(shard_names(model_dir), desc="quantize", unit="shard", disable=None):
         _check_space(out_dir, (model_dir / shard).stat().st_size, shard)
         out: dict[str, torch.Tensor | QuantizedWeight] = {}
         with safe_open(model_dir / shard, framework="pt") as f:

@@ -23,6 +23,7 @@ from npuflow.core.config import SourceConfig
 from npuflow.core.errors import ConfigError, IntegrityError, NpuflowError, StoreError
 from npuflow.core.paths import check_name, confined
 from npuflow.core.store import S3Store, Store, file_uri_path
+from npuflow.quant.checkpoint import check_shard
 
 log = logging.getLogger("npuflow.fetch")
 
@@ -278,6 +279,8 @@ def fetch(cfg: SourceConfig, name: str, store: Store) -> ModelArtifact:
             _check(f, actual, dest, cfg.uri)
             if f.name.endswith(".safetensors.index.json"):
                 _check_index(dest, cfg.uri)
+            if f.name.endswith(".safetensors"):  # a truncated upload is named, not a SafetensorError later
+                check_shard(dest, f" from {cfg.uri}", "nothing was published; re-publish that file")
             entries[f.name] = FileEntry(sha256=actual, size=dest.stat().st_size)
         files = [SourceFile(n, e.size, e.sha256) for n, e in entries.items()]
         cached = _cached(store, name, files) if not known else None

@@ -33,7 +33,8 @@ def test_fused_groups_are_never_split() -> None:
 def test_sensitivity_report_is_written_with_the_artifact(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "q"
     out.mkdir()
-    qm = quantize_model(tiny_model_dir, out, QuantizationConfig(scheme="w4a16", group_size=32, calibration=CAL))
+    qm = quantize_model(tiny_model_dir, out, QuantizationConfig(scheme="w4a16", group_size=32, calibration=CAL,
+                                                                sensitivity=True))
     report = json.loads((out / SENSITIVITY).read_text())
     quantized = {k for k, t in qm["tensors"].items() if t["quantized"]}
     assert set(report["output_error"]) == quantized  # every quantized linear, nothing else

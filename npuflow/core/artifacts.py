@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -270,9 +271,49 @@ def _verify_once(root: Path, files: dict[str, FileEntry]) -> None:
         _verified.add(tag)
 
 
+def _host() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40]
+
+
 def staging_dir(prefix: str) -> tempfile.TemporaryDirectory[str]:
-    """A temporary directory for building an artifact before publishing it."""
-    return tempfile.TemporaryDirectory(prefix=f"npuflow-{prefix}-")
+    """A temporary directory for building an artifact before publishing it, named after this host and
+    process (npuflow-STAGE-HOST-PID-XXXX) so that the next run can tell a dead run's leftovers from a live
+    one's: those are swept first (a run SIGKILLed mid-stage leaves its staging dir, up to a model's size)."""
+    sweep_staging()
+    return tempfile.TemporaryDirectory(prefix=f"npuflow-{prefix}-{_host()}-{os.getpid()}-")
+
+
+def sweep_staging(root: Path | None = None) -> list[Path]:
+    """Remove the staging dirs under `root` (the temp dir) of this host's processes that no longer exist;
+    another host's (a shared /tmp) and live processes' are never touched. Returns what was removed."""
+    import logging
+    import re
+
+    pattern = re.compile(rf"npuflow-[a-z0-9]+-{re.escape(_host())}-(\d+)-\w+")
+    removed = []
+    for p in Path(root or tempfile.gettempdir()).glob("npuflow-*"):
+        m = pattern.fullmatch(p.name)
+        if m is None or _alive(int(m.group(1))) or not p.is_dir() or p.is_symlink():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    if removed:
+        logging.getLogger("npuflow").info("removed %d staging dir(s) of runs that died: %s", len(removed),
+                                          ", ".join(p.name for p in removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def copy_tree(src: Path, dst: Path) -> None:

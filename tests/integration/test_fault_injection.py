@@ -106,23 +106,31 @@ def versions_in(db: Path) -> int:
 
 
 def test_sigkill_after_every_stage_and_inside_register_then_reruns_converge(tmp_path: Path, tiny_source) -> None:
-    """Each run is killed right after the next stage publishes (the whole process group, Prefect's server
+    """Each run is killed right after the next stage publishes (quantize: while it writes, mid-stage) (the whole process group, Prefect's server
     included), the next run resumes from what was published; the last one is killed once register has
     created the version and before promote; a final run completes. Then: one artifact per stage, one
-    version, champion == candidate == that version, its artifact_sha256 the deployable's."""
-    home = tmp_path / "home"
+    version, champion == candidate == that version, its artifact_sha256 the deployable's; no staging dir
+    of the killed runs is left in TMPDIR."""
+    home, tmpdir = tmp_path / "home", tmp_path / "tmp"
     store_root = home / "artifacts"
-    config, env = write_config(tmp_path, tiny_source), cli_env(home)
+    tmpdir.mkdir()
+    config, env = write_config(tmp_path, tiny_source), cli_env(home, TMPDIR=str(tmpdir))
     kills = []
+    staged = []  # staging dirs left by the run killed mid-quantize (while it was writing the weights)
     for stage in STAGES:
-        rc, err = run_release(config, env, tmp_path, kill_when=lambda s=stage: bool(published(store_root, s)))
+        when = (lambda: bool(list(tmpdir.glob("npuflow-quantize-*")))) if stage == "quantized" else \
+            (lambda s=stage: bool(published(store_root, s)))
+        rc, err = run_release(config, env, tmp_path, kill_when=when)
         assert rc == -9, f"the run was not killed after {stage}: rc {rc}\n{err[-3000:]}"
         kills.append({s: len(published(store_root, s)) for s in STAGES})
+        staged += [p.name for p in tmpdir.glob("npuflow-*")] if stage == "quantized" else []
         assert_every_manifest_whole(store_root)
+    assert staged, "the run killed mid-quantize left no staging dir: the sweep below proves nothing"
     rc, err = run_release(config, env, tmp_path, kill_when=lambda: versions_in(home / "mlflow.db") > 0)
     assert rc == -9, f"the run was not killed inside register/promote: rc {rc}\n{err[-3000:]}"
     rc, err = run_release(config, env, tmp_path)
     assert rc == 0, err[-4000:]
+    assert not list(tmpdir.glob("npuflow-*")), f"staging dirs of killed runs left: {list(tmpdir.iterdir())}"
 
     assert all(len(published(store_root, s)) == 1 for s in STAGES), {s: published(store_root, s) for s in STAGES}
     assert_every_manifest_whole(store_root)
@@ -135,7 +143,7 @@ def test_sigkill_after_every_stage_and_inside_register_then_reruns_converge(tmp_
     key = published(store_root, "deployable")[0].parent.relative_to(store_root).as_posix()
     deployable = load_manifest(store, key, Deployable)
     assert versions[0].tags["artifact_sha256"] == deployable.manifest_sha256
-    print("kills (published artifacts per stage at each kill):", kills)
+    print("kills (published artifacts per stage at each kill):", kills, "; left mid-quantize and swept:", staged)
 
 
 def test_mlflow_server_killed_mid_release_fails_it_and_promotes_nothing(tmp_path: Path, tiny_source) -> None:

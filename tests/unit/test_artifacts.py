@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,27 @@ def test_materialize_local_store_verifies(model_files: Path, tmp_path: Path) -> 
     (store.root / KEY / "model.safetensors").write_bytes(b"\x00\x02" * 5000)  # bit rot in the store
     with pytest.raises(IntegrityError, match=r"model\.safetensors .*does not match"):
         materialize(store, KEY, art.files, tmp_path / "cache")
+
+
+def test_staging_dirs_of_dead_runs_are_swept_and_live_or_foreign_ones_kept(tmp_path: Path, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    from npuflow.core import artifacts
+
+    monkeypatch.setattr(artifacts.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a pid that has exited
+    host = artifacts._host()
+    left = tmp_path / f"npuflow-quantize-{host}-{dead}-abc123"
+    (left / "sub").mkdir(parents=True)
+    (left / "sub" / "model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f"npuflow-fetch-{host}-{os.getpid()}-def456"
+    foreign = tmp_path / f"npuflow-fetch-otherhost-{dead}-ghi789"
+    unrelated = tmp_path / f"npuflow-notes-{dead}"
+    for d in (live, foreign, unrelated):
+        d.mkdir()
+    with artifacts.staging_dir("convert") as tmp:
+        assert Path(tmp).parent == tmp_path and Path(tmp).name.startswith(f"npuflow-convert-{host}-{os.getpid()}-")
+        assert not left.exists() and live.is_dir() and foreign.is_dir() and unrelated.is_dir()
+    assert artifacts.sweep_staging(tmp_path) == []

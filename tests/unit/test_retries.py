@@ -329,3 +329,29 @@ def test_unfinished_multipart_uploads_are_aborted_and_the_lifecycle_rule_applies
     s3.put_bucket_lifecycle_configuration(Bucket="leftovers", LifecycleConfiguration=rules)
     got = s3.get_bucket_lifecycle_configuration(Bucket="leftovers")["Rules"][0]
     assert got["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] == 1
+
+
+def test_fetch_refuses_a_disk_without_room_before_the_first_byte(prefect_harness, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """The free space of the staging dir's disk (and a local store's, counted twice when they share it) is
+    checked against the listed sizes before any copy: one clear permanent error, nothing written."""
+    import shutil
+    from collections import namedtuple
+
+    import npuflow.stages.fetch as fetch_mod
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (src / "model.safetensors").write_bytes(os.urandom(1 << 16))
+    usage = namedtuple("usage", "total used free")
+    free = 2 * (1 << 16) + fetch_mod.SPACE_MARGIN - 1  # one byte short of two copies + the margin
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, free))
+    copies = []
+    monkeypatch.setattr(fetch_mod, "_copy_with_hash", lambda *a: copies.append(a[2]))
+    store = tmp_path / "store"
+    with pytest.raises(StoreError, match=r"not enough free space to fetch 0\.00 GB from file://.*the staging dir "
+                       r"\(TMPDIR\) and the artifact store on .* need 0\.27 GB and 0\.27 GB are free") as ei:
+        _fetch_flow(src.as_uri(), store)()
+    assert not ei.value.retryable and "Nothing was downloaded" in str(ei.value)
+    assert copies == [] and (not store.exists() or LocalStore(store).list_keys("") == [])

@@ -271,6 +271,7 @@ def fetch(cfg: SourceConfig, name: str, store: Store) -> ModelArtifact:
             return cached
     with staging_dir("fetch") as tmp:
         stage = Path(tmp)
+        _check_free_space(files, stage, store, src)
         entries: dict[str, FileEntry] = {}
         for f in sorted(files, key=lambda f: not f.name.endswith(".json")):  # indexes checked before weights
             dest = confined(stage, f.name, source=f"the listing of {cfg.uri}")
@@ -297,6 +298,39 @@ def fetch(cfg: SourceConfig, name: str, store: Store) -> ModelArtifact:
         )
         log.info("publishing %d files (%.1f MB) to %s", len(entries), sum(e.size for e in entries.values()) / 1e6, artifact.uri)
         return publish(store, artifact, stage)
+
+
+SPACE_MARGIN = 256 << 20  # bytes left free after the copies (logs, the manifest, other writers)
+
+
+def _check_free_space(files: list[SourceFile], stage: Path, store: Store, src) -> None:
+    """Refuse before the first byte when a disk the fetch writes to cannot hold the model: the staging dir,
+    a local store (a second copy) and the hub's download cache (a third), summed per filesystem. Sizes the
+    source does not list count as 0. Not retried: a retry cannot free space."""
+    import shutil
+
+    from npuflow.core.store import LocalStore
+
+    size = sum(f.size or 0 for f in files)
+    places = [(stage, "the staging dir (TMPDIR)")]
+    if isinstance(store, LocalStore):
+        places.append((store.root, "the artifact store"))
+    if isinstance(src, _HubSource):
+        from huggingface_hub import constants
+
+        places.append((Path(constants.HF_HUB_CACHE), "the Hugging Face cache (HF_HUB_CACHE)"))
+    disks: dict[int, tuple[Path, list[str]]] = {}
+    for path, what in places:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        disks.setdefault(existing.stat().st_dev, (existing, []))[1].append(what)
+    for path, whats in disks.values():
+        need, free = size * len(whats) + SPACE_MARGIN, shutil.disk_usage(path).free
+        if free < need:
+            raise StoreError(
+                f"not enough free space to fetch {size / 1e9:.2f} GB from {src.uri}: {' and '.join(whats)} "
+                f"on {path} need {need / 1e9:.2f} GB and {free / 1e9:.2f} GB are free; free space there, or "
+                "point TMPDIR (staging), NPUFLOW_HOME / the store, or HF_HOME at a larger disk. Nothing was "
+                "downloaded (not retried: a retry cannot fix this)", retryable=False)
 
 
 def _key(name: str, files: list[SourceFile]) -> str:

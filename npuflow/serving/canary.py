@@ -64,6 +64,11 @@ def _headers(url: str) -> dict[str, str]:
 
 def _post_weights(url: str, body: dict[str, Any], timeout_s: float) -> dict:
     r = httpx.post(f"{url}/admin/weights", json=body, headers=_headers(url), timeout=timeout_s)
+    if 400 <= r.status_code < 500 and "lease_s" in body and "lease_s" in r.text:
+        raise NpuflowError(f"{url} does not take a weights lease (POST /admin/weights answered {r.status_code}: "
+                           f"{r.text[:200]}): it runs an npuflow older than the staged rollout needs, whose canary "
+                           "weights would outlive a rollout that dies. Upgrade and restart that server, then re-run "
+                           "the rollout; nothing was changed on it")
     if r.status_code != 200:
         raise NpuflowError(f"{url}/admin/weights answered {r.status_code}: {r.text[:300]}")
     return r.json()

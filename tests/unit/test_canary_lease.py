@@ -230,3 +230,37 @@ def test_serve_refuses_a_non_loopback_address_without_a_token_before_loading(tmp
 ])
 def test_loopback_addresses(host, loopback) -> None:
     assert is_loopback(host) is loopback
+
+
+def test_a_server_that_refuses_the_lease_field_is_named_as_too_old(tmp_path) -> None:
+    """A server from before leases (its /admin/weights body refuses unknown keys) is one clear error and
+    no renewal thread is left running for it."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class OldServer(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            extra = sorted(set(body) - {"champion", "challenger"})
+            code, answer = (422, {"error": {"message": f"unknown field(s): {', '.join(extra)}"}}) if extra else \
+                (200, {"champion": body["champion"], "challenger": body["challenger"]})
+            data = json.dumps(answer).encode()
+            self.send_response(code)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OldServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(Exception, match=r"does not take a weights lease .*422.*lease_s.*Upgrade and restart"):
+            canary.set_weights(url, 90, 10, lease_s=30)
+        assert url not in canary._renewals
+        assert canary.set_weights(url, 100, 0) == {"champion": 100, "challenger": 0}  # no lease: it answers
+    finally:
+        server.shutdown()

@@ -28,6 +28,11 @@ class QuantizedWeight:
     bits 4, asymmetric, per group g: qweight uint8 (out, in) in [0, 15]; scale, zero (out, in // g)
         w ~= (qweight - zero) * scale, each scale/zero column covering g consecutive input channels
     scale and zero are float32 (zero holds integers).
+
+    W8A8 (bits 8, per channel) also quantizes the linear's input at run time (`act`):
+        "token":  dynamic, one symmetric scale per token (row of x): x_q = round(x / (amax|x_row| / 127))
+        "tensor": static, x_q = clamp(round(x / act_scale + act_offset), -128, 127) with act_scale,
+                  act_offset float32 (1,) from calibration (act_offset holds an integer)
     """
 
     qweight: torch.Tensor
@@ -35,6 +40,9 @@ class QuantizedWeight:
     zero: torch.Tensor | None
     bits: int
     group_size: int | None  # None: one scale per output channel
+    act: str | None = None  # None: weight-only; "token" | "tensor": int8 activations as above
+    act_scale: torch.Tensor | None = None  # (1,) float32, act "tensor" only
+    act_offset: torch.Tensor | None = None  # (1,) float32 integer in [-128, 127], act "tensor" only
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -4,6 +4,8 @@ Per quantized linear `X.weight`:
   8-bit: X.weight int8 (out, in); X.weight_scale float32 (out,)
   4-bit: X.weight uint8 (out, in // 2), two values per byte (even input channel in the low nibble);
          X.weight_scale, X.weight_zero_point float32 (out, in // group_size)
+  w8a8 (static): also X.input_scale, X.input_offset float32 (1,); w8a8-dynamic: nothing more (the manifest's
+         scheme says the inputs are quantized per token)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from npuflow.formats import QuantizedWeight, Shard, read_tensors
 
 INDEX = "model.safetensors.index.json"
 SCALE, ZERO = "weight_scale", "weight_zero_point"
+ACT = {"w8a8": "tensor", "w8a8-dynamic": "token"}  # scheme -> how the quantized linears' inputs are quantized
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -50,6 +53,8 @@ class Writer:
                 out[prefix + SCALE] = t.scale.float().contiguous()
                 if t.zero is not None:
                     out[prefix + ZERO] = t.zero.float().contiguous()
+                if t.act == "tensor":
+                    out[prefix + "input_scale"], out[prefix + "input_offset"] = t.act_scale, t.act_offset
             else:
                 out[name] = t.contiguous()
         save_file(out, self.out_dir / shard, metadata={"format": "pt"})
@@ -66,7 +71,9 @@ class Writer:
 
 def read(model_dir: Path) -> Shard:
     """Tensors by name; the quant manifest says which are integer weights (never the file names)."""
-    tensors = json.loads((model_dir / "quant_manifest.json").read_text())["tensors"]
+    manifest = json.loads((model_dir / "quant_manifest.json").read_text())
+    tensors = manifest["tensors"]
+    act = ACT.get(manifest.get("scheme"))
     quantized = {k: v for k, v in tensors.items() if v["quantized"]}
     raw = read_tensors(model_dir)
     out: Shard = {}
@@ -76,6 +83,7 @@ def read(model_dir: Path) -> Shard:
         out[name] = QuantizedWeight(
             qweight=unpack_int4(q) if meta["bits"] == 4 else q, scale=raw.pop(prefix + SCALE),
             zero=raw.pop(prefix + ZERO, None), bits=meta["bits"], group_size=meta["group_size"],
+            act=act, act_scale=raw.pop(prefix + "input_scale", None), act_offset=raw.pop(prefix + "input_offset", None),
         )
     out.update(raw)
     return out

@@ -86,6 +86,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 def calibrated_by(cfg) -> list[str]:
     """The parts of a QuantizationConfig that run calibration text through the model (none: RTN alone)."""
     return [why for why, on in (("method gptq", cfg.method == "gptq"), ("sensitivity", cfg.sensitivity),
+                                (f"scheme {cfg.scheme} (SmoothQuant)", cfg.scheme.startswith("w8a8")),
                                 ("fallback auto", cfg.fallback == "auto")) if on]
 
 

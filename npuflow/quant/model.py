@@ -19,6 +19,10 @@ def quantize_model(model_dir: Path, out_dir: Path, cfg: QuantizationConfig,
     GPTQ calibrates layer by layer first (its per-linear errors are the report); with RTN the report is
     measured separately on the same calibration windows unless `errors` is given.
     """
+    if cfg.scheme.startswith("w8a8"):  # SmoothQuant calibration, then the W8A8 weights (no sensitivity report)
+        from npuflow.quant.smoothquant import quantize_w8a8
+
+        return quantize_w8a8(model_dir, out_dir, cfg, float_layers)
     from npuflow.quant.gptq import gptq_quantize
     from npuflow.quant.sensitivity import calibration_inputs, rtn_sensitivity
 

@@ -54,3 +54,13 @@ def quantize_group_asym(w: torch.Tensor, bits: int, group_size: int) -> Quantize
         raise NpuflowError(f"group size {group_size} does not divide the input dimension {w.shape[1]}")
     scale, zero = group_params_asym(w, bits, group_size)
     return QuantizedWeight(quantize_with_params(w, scale, zero, bits), scale, zero, bits, group_size)
+
+
+def activation_params_static(lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric per-tensor int8 parameters for inputs seen in [lo, hi]: scale, offset float32 (1,) with
+    x_q = clamp(round(x / scale + offset), -128, 127) (msModelSlim's input_scale / input_offset convention)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)  # the range always contains 0, so 0 is exact
+    scale = max(hi - lo, 1e-8) / 255.0
+    offset = min(127.0, max(-128.0, round(-128.0 - lo / scale)))
+    return torch.tensor([scale], dtype=torch.float32), torch.tensor([offset], dtype=torch.float32)
+

@@ -45,10 +45,34 @@ class W4A16:
         return quantize_group_asym(w, self.bits, self.group_size)
 
 
-SCHEMES = {"w8a16": W8A16, "w4a16": W4A16}
+@dataclass(frozen=True)
+class W8A8:
+    """int8 weights, symmetric per output channel, and int8 inputs: per token at run time (`dynamic`) or one
+    calibrated scale + offset per linear (static). The calibration (quant/smoothquant.py) supplies the static
+    activation parameters and smooths the weights first; `quantize` alone gives the weight part."""
+
+    dynamic: bool = False
+    group_size: int | None = None
+    bits: int = 8
+
+    @property
+    def act(self) -> str:
+        return "token" if self.dynamic else "tensor"
+
+    def check(self, name: str, w: torch.Tensor) -> None:
+        pass
+
+    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
+        q, scale = quantize_per_channel_int8(w)
+        return QuantizedWeight(q, scale, None, 8, None, act=self.act)
 
 
-def get_handler(cfg: QuantizationConfig) -> W8A16 | W4A16:
+SCHEMES = {"w8a16": W8A16, "w4a16": W4A16, "w8a8": W8A8, "w8a8-dynamic": W8A8}
+
+
+def get_handler(cfg: QuantizationConfig) -> W8A16 | W4A16 | W8A8:
     if cfg.scheme not in SCHEMES:
         raise ConfigError(f"invalid quantization scheme {cfg.scheme!r}; valid: {', '.join(SCHEMES)}")
+    if cfg.scheme.startswith("w8a8"):
+        return W8A8(dynamic=cfg.scheme == "w8a8-dynamic")
     return W4A16(group_size=cfg.group_size or 128) if cfg.scheme == "w4a16" else W8A16()

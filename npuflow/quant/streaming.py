@@ -53,8 +53,9 @@ def _corrupt(name: str, shard: str) -> str:
     return f"tensor {name} in {shard} has NaN or Inf values; the checkpoint is corrupt"
 
 
-# Calibrated methods give the quantized weight of a linear by name (None: quantize it by rounding).
-Precomputed = Mapping[str, QuantizedWeight] | Callable[[str], QuantizedWeight | None]
+# Calibrated methods give the quantized weight of a linear by name (None: quantize it by rounding), and may
+# give a float tensor for a non-target (SmoothQuant's smoothed norm weights).
+Precomputed = Mapping[str, QuantizedWeight | torch.Tensor] | Callable[[str], QuantizedWeight | torch.Tensor | None]
 
 
 def quantize_dir(
@@ -94,6 +95,8 @@ def quantize_dir(
                     tensors[name] = {"quantized": True, "dtype": f"int{qw.bits}", "shape": list(t.shape),
                                      "bits": qw.bits, "group_size": qw.group_size, "source_dtype": str(t.dtype)[6:]}
                 else:
+                    if lookup is not None and isinstance(new := lookup(name), torch.Tensor):
+                        t = new  # a calibrated method's float replacement (SmoothQuant's smoothed norm weights)
                     if t.is_floating_point() and not torch.isfinite(t).all():
                         raise NpuflowError(_corrupt(name, shard))
                     out[name] = t

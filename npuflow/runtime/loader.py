@@ -21,13 +21,19 @@ class QuantLinear(nn.Module):
     """A linear layer with integer weights, computed by the device's weight-only kernel.
 
     8-bit: y = x @ (qweight * scale[:, None]).T;  4-bit: y = x @ ((qweight - zero) * scale).T per group.
+    act "token" | "tensor" (W8A8): x is quantized to int8 too (per token, or with the static input_scale and
+    input_offset (1,)) and the product is an int8 GEMM (backend.linear_w8a8); scale stays float32.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int | None,
-                 backend: ModuleType):
+                 backend: ModuleType, act: str | None = None):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
-        self.backend = backend
+        self.backend, self.act = backend, act
+        static = act == "tensor"
+        self.register_buffer("input_scale", torch.empty(1, device="meta") if static else None)
+        self.register_buffer("input_offset", torch.empty(1, device="meta") if static else None)
+        self.wsum: torch.Tensor | None = None  # (out,) int32 sum of each weight row, for a static input offset
         groups = in_features // group_size if group_size else None
         qdtype = torch.int8 if bits == 8 else torch.uint8
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=qdtype, device="meta"))
@@ -36,7 +42,11 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out)
-        if self.bits == 8:
+        if self.act is not None:
+            if self.act == "tensor" and self.wsum is None:
+                self.wsum = self.qweight.sum(dim=1, dtype=torch.int32)
+            y = self.backend.linear_w8a8(x, self.qweight, self.scale, self.input_scale, self.input_offset, self.wsum)
+        elif self.bits == 8:
             y = self.backend.linear_w8a16(x, self.qweight, self.scale)
         else:
             y = self.backend.linear_w4a16(x, self.qweight, self.scale, self.zero, self.group_size)
@@ -99,8 +109,11 @@ def load_quantized(model_dir: Path, backend: ModuleType, dtype: torch.dtype, gra
             sd[name], sd[prefix + "weight_scale"] = t.qweight.to(dev), t.scale.to(dev, dtype)
             continue
         _set_module(model, path, QuantLinear(old.in_features, old.out_features, old.bias is not None, t.bits,
-                                             t.group_size, backend))
-        sd[prefix + "qweight"], sd[prefix + "scale"] = t.qweight.to(dev), t.scale.to(dev, dtype)
+                                             t.group_size, backend, t.act))
+        sd[prefix + "qweight"] = t.qweight.to(dev)
+        sd[prefix + "scale"] = t.scale.to(dev, torch.float32 if t.act else dtype)  # W8A8 dequantizes in float32
+        if t.act == "tensor":
+            sd[prefix + "input_scale"], sd[prefix + "input_offset"] = t.act_scale.to(dev), t.act_offset.to(dev)
         if t.zero is not None:
             sd[prefix + "zero"] = t.zero.to(dev, dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)

@@ -36,3 +36,32 @@ def prepare_with_inductor(model: torch.nn.Module, graph: bool = False) -> torch.
     if graph:
         model.forward = torch.compile(model.forward, dynamic=True)
     return model
+
+
+def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of x (rows, in): x ~= x_q (rows, in) int8 * scale (rows, 1) float32."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-8) / 127.0  # (rows, 1)
+    return (x.float() / scale).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def quantize_static_int8(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """x_q = clamp(round(x / scale + offset), -128, 127) int8, the shape of x; scale, offset (1,)."""
+    return (x.float() / scale.float() + offset.float()).round_().clamp_(-128, 127).to(torch.int8)
+
+
+def linear_w8a8_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                          input_scale: torch.Tensor | None = None, input_offset: torch.Tensor | None = None,
+                          wsum: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8: x (..., in) quantized to int8 (per token when input_scale is None, else static per tensor),
+    times qweight int8 (out, in), dequantized with scale (out,): y = (x_q - offset) @ q.T * s_x * s_w.
+    The integer products are summed in float64 (exact, as an int32 GEMM). wsum is unused (the fast path's)."""
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, x.shape[-1])
+    if input_scale is None:
+        xq, xs = quantize_per_token_int8(x2)
+        xi = xq.double()
+    else:
+        xi, xs = quantize_static_int8(x2, input_scale, input_offset).double() - input_offset.double(), input_scale
+    acc = xi @ qweight.double().T  # (rows, out), integers
+    y = acc * xs.double() * scale.double()[None, :]
+    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])

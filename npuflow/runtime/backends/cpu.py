@@ -15,6 +15,8 @@ from npuflow.runtime.backends.common import (
     linear_w4a16_reference,
     linear_w8a16_reference,
     prepare_with_inductor,
+    quantize_per_token_int8,
+    quantize_static_int8,
 )
 
 NAME = "cpu"
@@ -55,6 +57,29 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) ->
 
 
 linear_w4a16 = linear_w4a16_reference  # float32 activations; bf16 models get Int4PackedLinear (prepare)
+
+
+def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, input_scale: torch.Tensor | None = None,
+                input_offset: torch.Tensor | None = None, wsum: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 on oneDNN's int8 GEMM (aten._int_mm: int8 x int8 -> int32, VNNI/AMX where the CPU has them).
+
+    x (..., in) is quantized per token (input_scale None) or with the static scale/offset; qweight int8
+    (out, in), scale (out,); wsum (out,) int32 = qweight.sum(1), needed for a static offset:
+    (x_q - o) @ q.T = x_q @ q.T - o * wsum. Same result as linear_w8a8_reference (integer sums are exact).
+    """
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, x.shape[-1])
+    if input_scale is None:
+        xq, xs = quantize_per_token_int8(x2)  # (rows, in) int8, (rows, 1)
+        acc = torch._int_mm(xq, qweight.t())  # (rows, out) int32
+    else:
+        xq, xs = quantize_static_int8(x2, input_scale, input_offset), input_scale.float()
+        acc = torch._int_mm(xq, qweight.t())
+        if wsum is None:
+            wsum = qweight.sum(dim=1, dtype=torch.int32)
+        acc = acc - input_offset.to(torch.int32) * wsum[None, :]
+    y = acc.float().mul_(xs).mul_(scale.float()[None, :])
+    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
 
 
 # From this many rows on (prefill), a 4-bit linear dequantizes to bf16 and runs oneDNN's GEMM. Measured on
@@ -156,11 +181,13 @@ def prepare(model: torch.nn.Module, graph: bool = False) -> torch.nn.Module:
 
 
 def kernels(dtype: torch.dtype) -> dict[str, str]:
+    w8a8 = {"linear_w8a8": "aten._int_mm (oneDNN int8 GEMM), activations int8 per token or static per tensor"}
     if dtype == torch.bfloat16:
-        return {"linear_w8a16": "aten._weight_int8pack_mm (decode) / dequantized F.linear (prefill)",
+        return w8a8 | {"linear_w8a16": "aten._weight_int8pack_mm (decode) / dequantized F.linear (prefill)",
                 "linear_w4a16": f"aten._weight_int4pack_mm_for_cpu (< {DEQUANT_ROWS} rows) / dequantized bf16 "
                                 "GEMM (prefill)", "attention": "sdpa (prefill) / npuflow::single_query_attention"}
-    return {"linear_w8a16": "dequantized F.linear", "linear_w4a16": "dequantized F.linear", "attention": "sdpa"}
+    return w8a8 | {"linear_w8a16": "dequantized F.linear", "linear_w4a16": "dequantized F.linear",
+                   "attention": "sdpa"}
 
 
 def synchronize() -> None:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from npuflow.runtime.backends.common import library_versions, linear_w4a16_reference, prepare_with_inductor
+from npuflow.runtime.backends.common import (
+    library_versions,
+    linear_w4a16_reference,
+    linear_w8a8_reference,
+    prepare_with_inductor,
+)
 
 NAME = "cuda"
 
@@ -38,11 +43,13 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) ->
 # int4 weights: a dequantized matmul (the packed int4 kernel is the backends issue's work);
 # HF modules as they are (SDPA attention), graph mode compiled with inductor
 linear_w4a16 = linear_w4a16_reference
+linear_w8a8 = linear_w8a8_reference  # activations quantized as the CPU does; the product in float64 (not fast)
 prepare = prepare_with_inductor
 
 
 def kernels(dtype: torch.dtype) -> dict[str, str]:
-    return {"linear_w8a16": "aten._weight_int8pack_mm", "linear_w4a16": "dequantized F.linear", "attention": "sdpa"}
+    return {"linear_w8a16": "aten._weight_int8pack_mm", "linear_w4a16": "dequantized F.linear",
+            "linear_w8a8": "reference (int8 activations, float64 product)", "attention": "sdpa"}
 
 
 def synchronize() -> None:

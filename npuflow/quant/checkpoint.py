@@ -87,7 +87,8 @@ def calibrated_by(cfg) -> list[str]:
     """The parts of a QuantizationConfig that run calibration text through the model (none: RTN alone)."""
     return [why for why, on in (("method gptq", cfg.method == "gptq"), ("sensitivity", cfg.sensitivity),
                                 (f"scheme {cfg.scheme} (SmoothQuant)", cfg.scheme.startswith("w8a8")),
-                                ("fallback auto", cfg.fallback == "auto")) if on]
+                                ("fallback auto", cfg.fallback == "auto"),
+                                (f"scheme {cfg.scheme} (SmoothQuant)", cfg.scheme.startswith("w8a8"))) if on]
 
 
 def is_demo(hf_config: dict) -> bool:
@@ -146,9 +147,11 @@ def load_tokenizer(model_dir: Path, why: str):
 def check_shard(path: Path, origin: str = "", fix: str = "re-fetch the model (or re-copy that shard)") -> None:
     """A safetensors file whose header promises more bytes than the file holds is refused, named.
 
-    origin: where it came from (" from s3://..."); fix: what to do. Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+    origin: where it came from (" from s3://...", default " in DIR"); fix: what to do.
+    Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
     then the data; the largest data_offsets end is the data size (safetensors' own format spec).
     """
+    origin = origin or f" in {path.parent}"
     size = path.stat().st_size
     try:
         with path.open("rb") as f:

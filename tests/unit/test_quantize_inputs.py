@@ -4,7 +4,10 @@ tokenizer only where text is cut, whole shards; sensitivity only when asked, mea
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from npuflow.quant.model import quantize_model
 from npuflow.quant.streaming import quantize_dir
 
 CAL = {"samples": 4, "seq_len": 32}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _checkpoint(d: Path, tokenizer: bool = True) -> Path:
@@ -150,13 +154,13 @@ def test_a_truncated_shard_is_named_before_any_output(tmp_path: Path) -> None:
         f.truncate(shard.stat().st_size - 1000)
     out = tmp_path / "q"
     out.mkdir()
-    with pytest.raises(NpuflowError, match=r"model\.safetensors is truncated: its header describes \d+ bytes, "
+    with pytest.raises(NpuflowError, match=r"model\.safetensors in .* is truncated: its header describes \d+ bytes, "
                                            r"the file has \d+"):
         quantize_dir(src, out, QuantizationConfig())
     assert list(out.iterdir()) == []
     with shard.open("r+b") as f:
         f.truncate(5)  # not even the header length
-    with pytest.raises(NpuflowError, match=r"model\.safetensors is not a valid safetensors file"):
+    with pytest.raises(NpuflowError, match=r"model\.safetensors in .* is not a valid safetensors file"):
         shard_names(src)
 
 
@@ -199,3 +203,38 @@ def test_sensitivity_measured_directly_equals_the_hessian_formula(tmp_path: Path
                 assert streamed[f"model.layers.{i}.{m}.weight"] == pytest.approx(expected, rel=1e-5)
         layers.run(layer, x, keep=True)
     assert len(streamed) == 7 * config.num_hidden_layers
+
+
+# ---- the command users run -------------------------------------------------------------------------
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NPUFLOW_", "MLFLOW_"))}
+    env.update(PYTHONPATH=str(REPO), NPUFLOW_HOME=str(cwd / ".npuflow"))
+    return subprocess.run([sys.executable, "-m", "npuflow.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_cli_quantize_file_uri_in_place_without_tokenizer_and_its_refusals(tmp_path: Path) -> None:
+    src = _checkpoint(tmp_path / "m", tokenizer=False)
+    ok = _cli("quantize", src.as_uri(), "--output", str(tmp_path / "q"), "--json", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["method"] == "rtn" and not (tmp_path / "q" / "sensitivity.json").exists()
+    assert not (tmp_path / ".npuflow" / "artifacts").exists()  # read in place: no copy into the store
+
+    gptq = _cli("quantize", src.as_uri(), "--output", str(tmp_path / "g"), "--method", "gptq", cwd=tmp_path)
+    assert gptq.returncode == 2 and "quantization.calibration.text" in gptq.stderr, gptq.stderr
+    sens = _cli("quantize", str(src), "--output", str(tmp_path / "s"), "--sensitivity",
+                "--calibration", (tmp_path / "none.txt").as_uri(), cwd=tmp_path)
+    assert sens.returncode != 0 and "tokenizer" in sens.stderr and "Traceback" not in sens.stderr, sens.stderr
+
+    (src / "SHA256SUMS").write_text(f"{'0' * 64}  model.safetensors\n")
+    bad = _cli("quantize", src.as_uri(), "--output", str(tmp_path / "b"), cwd=tmp_path)
+    assert bad.returncode != 0 and "model.safetensors in file://" in bad.stderr and "SHA256SUMS" in bad.stderr
+    (src / "SHA256SUMS").unlink()
+    with (src / "model.safetensors").open("r+b") as f:
+        f.truncate(4096)
+    cut = _cli("quantize", src.as_uri(), "--output", str(tmp_path / "t"), cwd=tmp_path)
+    assert cut.returncode != 0 and "model.safetensors in " in cut.stderr and "is truncated" in cut.stderr, cut.stderr
+    assert "Traceback" not in cut.stderr and len(cut.stderr.strip().splitlines()) <= 3
+    assert not [p for p in tmp_path.iterdir() if p.name in ("g", "s", "b", "t") or ".tmp-" in p.name]

@@ -238,3 +238,25 @@ def test_cli_quantize_file_uri_in_place_without_tokenizer_and_its_refusals(tmp_p
     assert cut.returncode != 0 and "model.safetensors in " in cut.stderr and "is truncated" in cut.stderr, cut.stderr
     assert "Traceback" not in cut.stderr and len(cut.stderr.strip().splitlines()) <= 3
     assert not [p for p in tmp_path.iterdir() if p.name in ("g", "s", "b", "t") or ".tmp-" in p.name]
+
+
+def test_the_pipeline_stage_refuses_before_materializing(tmp_path: Path, real_text: str) -> None:
+    """The quantize stage checks the calibration text and the tokenizer from the manifest alone."""
+    from npuflow.core.config import SourceConfig, ValidationConfig
+    from npuflow.core.store import open_store
+    from npuflow.quant.stage import quantize
+    from npuflow.stages.fetch import fetch
+
+    store = open_store((tmp_path / "store").as_uri())
+    model = fetch(SourceConfig(uri=_checkpoint(tmp_path / "m", tokenizer=False).as_uri()), "m", store)
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError, match="builtin:tiny-corpus-train"):
+        quantize(model, QuantizationConfig(method="gptq"), store, cache)
+    with pytest.raises(NpuflowError, match=r"sensitivity need.* tokenizer"):
+        quantize(model, QuantizationConfig(sensitivity=True, calibration={"text": real_text}), store, cache)
+    with pytest.raises(ConfigError, match=r"validation\.eval_text"):
+        quantize(model, QuantizationConfig(fallback="auto", calibration={"text": real_text}), store, cache,
+                 ValidationConfig(eval_text="builtin:tiny-corpus"))
+    assert not list((tmp_path / "store").rglob("quantized"))  # nothing was published
+    plain = quantize(model, QuantizationConfig(), store, cache)  # RTN: no tokenizer, no text
+    assert plain.scheme == "w8a16" and plain.quantized_tensors == 14

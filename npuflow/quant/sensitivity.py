@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from npuflow.quant.checkpoint import calibrated_by, check_calibration, is_target, load_tokenizer
 from npuflow.quant.gptq import INPUT_GROUPS, _prepare
+
+log = logging.getLogger("npuflow.quantize")
 
 SENSITIVITY = "sensitivity.json"
 # linears that share an input are kept float together, never split: (group name, member modules)
@@ -85,6 +88,7 @@ def rtn_sensitivity(model_dir: Path, handler, ignore: tuple[str, ...], windows: 
                 h.remove()
         errors |= {f"model.layers.{i}.{m}.weight": float(e / o.clamp(min=1e-300)) for m, (e, o) in sums.items()}
         del layer, handles
+        log.info("sensitivity: layer %d/%d measured (%d linears)", i + 1, config.num_hidden_layers, len(targets))
     return errors
 
 

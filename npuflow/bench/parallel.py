@@ -1,5 +1,7 @@
-"""Tensor-parallel benchmark rank (started by torchrun through npuflow.runtime.parallel.launch): load,
-shard, measure every scenario through the engine in lock-step; rank 0 writes the JSON.
+"""Tensor- / pipeline-parallel benchmark rank (started by torchrun through npuflow.runtime.parallel.launch):
+read this rank's part of the weights (runtime/shard_load), measure every scenario through the engine in
+lock-step; rank 0 writes the JSON. `launch` starts the ranks (what `npuflow benchmark --mode
+tensor-parallel|pipeline-parallel` and the benchmark stage call).
 
   torchrun --standalone --nproc-per-node N -m npuflow.bench.parallel MODEL_DIR cpu float32 CONFIG_JSON OUT
 """
@@ -9,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -17,25 +21,24 @@ import torch
 import torch.distributed as dist
 
 from npuflow.core.config import BenchmarkConfig
-from npuflow.runtime.parallel import DIST_BACKENDS, shard_llama
+from npuflow.core.errors import ConfigError, NpuflowError
+from npuflow.runtime.parallel import DIST_BACKENDS
 
 
 def _worker(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig, out: Path) -> None:
-    """One rank (started by torchrun): load, shard, measure in lock-step; rank 0 writes the JSON."""
+    """One rank (started by torchrun): read its part of the weights (rank-local), measure in lock-step;
+    rank 0 writes the JSON with every rank's weight bytes and peak RSS."""
     from npuflow.bench.measure import measure_loaded, model_bytes
     from npuflow.runtime.backends import get_backend
-    from npuflow.runtime.loader import DTYPES, load_quantized
+    from npuflow.runtime.loader import DTYPES
+    from npuflow.runtime.pipeline import init_ranks, load_rank, peak_rss_mb
+    from npuflow.runtime.shard_load import loaded_bytes
 
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     backend = get_backend(device)
-    _set_device(backend, local)
-    dist.init_process_group(DIST_BACKENDS[device])
+    _set_device(backend, int(os.environ["LOCAL_RANK"]))
+    layout, group = init_ranks(device, cfg.tp, cfg.pp)
     try:
-        model = load_quantized(model_dir, backend, DTYPES[dtype])
-        full_bytes = model_bytes(model)
-        shard_llama(model, rank, world)
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        model = load_rank(model_dir, backend, DTYPES[dtype], layout, group)
         flag = torch.zeros(1, dtype=torch.int32, device=backend.device())
 
         def agree(go: bool) -> bool:
@@ -44,14 +47,54 @@ def _worker(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig, out:
             dist.broadcast(flag, src=0)
             return bool(flag.item())
 
-        result = measure_loaded(model, backend, cfg, agree=agree, mode="tensor-parallel", devices=world)
-        result |= {"weight_bytes": full_bytes, "rank_weight_bytes": model_bytes(model),
-                   "dist_backend": DIST_BACKENDS[device]}
-        if rank == 0:
+        world = cfg.tp * cfg.pp
+        result = measure_loaded(model, backend, cfg, agree=agree, mode=cfg.mode, devices=world)
+        mine = {"rank": layout.rank, "stage": layout.stage, "tp_rank": layout.tp_rank,
+                "rank_weight_bytes": model_bytes(model), "peak_rss_mb": peak_rss_mb(),
+                "peak_memory_mb": backend.peak_memory_mb()}
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mine)
+        result |= {"weight_bytes": loaded_bytes(model_dir, DTYPES[dtype]), "rank_weight_bytes": mine[
+            "rank_weight_bytes"], "ranks": ranks, "dist_backend": DIST_BACKENDS[device], "tp": cfg.tp, "pp": cfg.pp}
+        if layout.rank == 0:
             out.write_text(json.dumps(result))
         dist.barrier()
     finally:
         dist.destroy_process_group()  # without it the ranks abort at exit
+
+
+def launch(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig, ranks: int | None = None,
+           timeout_s: float | None = None) -> dict:
+    """Run the benchmark on cfg.tp x cfg.pp ranks (torchrun, one device each); rank 0's result.
+
+    Each rank reads only its part of the weights (runtime/shard_load). `ranks`, when given, must be tp x pp."""
+    import npuflow
+    from npuflow.runtime.pipeline import check_layout, rank_failure
+
+    world = cfg.tp * cfg.pp
+    if ranks is not None and ranks != world:
+        raise ConfigError(f"{ranks} ranks asked for tp = {cfg.tp} x pp = {cfg.pp}; tp * pp = {world}")
+    qm = model_dir / "quant_manifest.json"
+    check_layout(json.loads((model_dir / "config.json").read_text()), cfg.tp, cfg.pp,
+                 json.loads(qm.read_text()).get("group_size") if qm.is_file() else None)
+    env = dict(os.environ)
+    root = str(Path(npuflow.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    if device == "cpu":  # the ranks share the cores
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    what = f"the {cfg.mode} benchmark (tp = {cfg.tp} x pp = {cfg.pp} ranks, {DIST_BACKENDS[device]})"
+    with tempfile.TemporaryDirectory(prefix="npuflow-tp-") as tmp:
+        out = Path(tmp) / "rank0.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               "-m", "npuflow.bench.parallel", str(model_dir), device, dtype, cfg.model_dump_json(), str(out)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise NpuflowError(f"{what} ran past {timeout_s} s") from None
+        if proc.returncode != 0 or not out.is_file():
+            raise NpuflowError(f"{what} failed (exit {proc.returncode}): {rank_failure(proc.stderr)}\n"
+                               f"{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
 
 
 def _set_device(backend: ModuleType, local_rank: int) -> None:

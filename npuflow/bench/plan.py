@@ -204,3 +204,25 @@ def cheapest(model: str, device: str, tpot_target_ms: float, context: int = 4096
         return None
     n, _, name, precision, mp = min(options, key=lambda o: (o[0], o[1], o[4].tpot_ms_expected[1]))
     return {"devices": n, "mode": name, "precision": precision, "tpot_ms_expected": mp.tpot_ms_expected}
+
+
+def plan_layout(model: str, device: str, precision: Precision, tp: int = 1, pp: int = 1, context: int = 4096,
+                batch: int = 1) -> dict:
+    """Per-device memory of a tp x pp layout as npuflow's ranks load it (runtime/shard_load): each device
+    holds 1/tp of its stage's decoder linears and KV heads and 1/pp of the layers; the embedding sits on the
+    first stage and lm_head on the last, whole on each of their tp ranks. `fits` within USABLE_FRACTION."""
+    m, dev = model_shape(model), get_device(device)
+    if m.heads % tp or m.kv_heads % tp or m.ffn % tp or m.layers % pp:
+        raise ConfigError(f"{m.name}: tp = {tp} must divide heads {m.heads}, kv heads {m.kv_heads} and ffn "
+                          f"{m.ffn}; pp = {pp} must divide the {m.layers} layers")
+    linear_b = weight_bytes(m, precision) - 2 * m.other_params  # other params stay 16-bit
+    stage_linear = linear_b / pp / tp
+    table = m.vocab * m.hidden * 2  # one 16-bit embedding or lm_head, bytes
+    ends = table * (1 if pp > 1 or m.tied else 2)  # the heaviest stage's replicated tables
+    kv = kv_bytes_per_token(m) * context * batch / pp / tp
+    per_device = stage_linear + ends + kv + 2 * m.hidden * (2 * m.layers // pp + 1)
+    usable = dev.hbm_gb * 1e9 * USABLE_FRACTION
+    return {"model": m.name, "device": dev.name, "precision": precision, "tp": tp, "pp": pp, "devices": tp * pp,
+            "min_devices": max(1, math.ceil(weight_bytes(m, precision) / (dev.hbm_gb * 1e9))),
+            "per_device_weights_gb": (stage_linear + ends) / 1e9, "per_device_kv_gb": kv / 1e9,
+            "per_device_gb": per_device / 1e9, "usable_gb": usable / 1e9, "fits": per_device <= usable}

@@ -134,7 +134,7 @@ def benchmark_dir(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig
     results = ([measure(model_dir, device, dtype, cfg, runtime, graph and not tp)]
                if cfg.mode == "single" or single_baseline else [])
     if cfg.mode == "tensor-parallel":
-        from npuflow.runtime.parallel import launch
+        from npuflow.bench.parallel import launch
 
         results.append(launch(model_dir, device, dtype, cfg, cfg.tp))
     size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
@@ -194,7 +194,7 @@ def benchmark(deployable: Deployable, cfg: BenchmarkConfig, store: Store, cache_
     log.info("benchmarking %d scenario(s) (%s): %d warm-up + >= %d runs and >= %g s each", len(scenarios),
              ", ".join(s.name for s in scenarios), cfg.warmup, cfg.iterations, cfg.min_seconds)
     if cfg.mode == "tensor-parallel":  # the mode being released only: the model may not fit one device
-        from npuflow.runtime.parallel import launch
+        from npuflow.bench.parallel import launch
 
         log.info("tensor-parallel: %d ranks", cfg.tp)
         results = [launch(model_dir, deployable.device, deployable.dtype, cfg, cfg.tp)]

@@ -220,8 +220,11 @@ class BenchmarkConfig(_Frozen):
     min_seconds: float = Field(0.0, ge=0)  # and keep running for at least this many seconds, per scenario
     stability_stdev_pct_max: float = Field(5.0, gt=0)  # TPOT stdev above this % of its mean: `unstable`
     tpot_regression_pct: float = Field(5.0, ge=0)  # regression gate: TPOT p50 at most this % above champion
-    mode: Literal["single", "tensor-parallel"] = "single"  # deployment mode the pipeline measures and reports
-    tp: int = Field(1, ge=1)  # ranks in tensor-parallel mode (torchrun processes, one device each)
+    # deployment mode the pipeline measures and reports; tensor-parallel and pipeline-parallel run tp x pp
+    # torchrun ranks (one device each): tp splits every decoder linear, pp the layers into contiguous stages
+    mode: Literal["single", "tensor-parallel", "pipeline-parallel"] = "single"
+    tp: int = Field(1, ge=1)  # tensor-parallel ranks per pipeline stage (divides heads, kv heads, the MLP)
+    pp: int = Field(1, ge=1)  # pipeline stages (divides num_hidden_layers)
     device_spec: str | None = None  # npuflow.bench.devices key for the roofline peaks; None: from the device name
     serving_load: ServingLoadConfig | None = None  # also measure the served model under load (None: not)
 
@@ -229,8 +232,11 @@ class BenchmarkConfig(_Frozen):
     def _mode_and_tp(self) -> BenchmarkConfig:
         if self.mode == "tensor-parallel" and self.tp < 2:
             raise ValueError("mode tensor-parallel needs tp >= 2 (ranks)")
-        if self.mode == "single" and self.tp != 1:
-            raise ValueError("tp applies to mode tensor-parallel; use tp: 1 with mode single")
+        if self.mode == "pipeline-parallel" and self.pp < 2:
+            raise ValueError("mode pipeline-parallel needs pp >= 2 (stages)")
+        if self.mode == "single" and (self.tp != 1 or self.pp != 1):
+            raise ValueError("tp and pp apply to modes tensor-parallel and pipeline-parallel; use tp: 1, pp: 1 "
+                             "with mode single")
         return self
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""Tensor parallelism for the quantized runtime: Megatron-style sharding, its torchrun worker and launcher.
+"""Tensor parallelism for the quantized runtime: Megatron-style sharding of a loaded model (RowParallel).
 
 Each rank holds 1/N of every decoder linear. q/k/v/gate/up are column-parallel (each rank computes
 1/N of the output features: whole attention heads, whole kv heads, 1/N of the MLP's hidden units);
@@ -9,27 +9,19 @@ transformers 5.x LlamaAttention reshapes q/k/v with `-1` heads and keeps `num_ke
 heads / kv_heads`, which is the same on every rank when both head counts split evenly: no per-rank
 attribute needs changing.
 
-Run it with `npuflow benchmark MODEL_DIR --mode tensor-parallel --tp N` (which calls `launch`), or
-directly:
+Each rank reads only its own slices from the checkpoint (runtime/shard_load.load_rank_local, the same
+split as shard_llama); pipeline stages are in runtime/pipeline.py. Run it with
+`npuflow benchmark MODEL_DIR --mode tensor-parallel --tp N` (which calls npuflow.bench.parallel.launch), or directly:
   torchrun --standalone --nproc-per-node N -m npuflow.bench.parallel MODEL_DIR cpu float32 CONFIG_JSON OUT
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from npuflow.core.config import BenchmarkConfig
-from npuflow.core.errors import ConfigError, NpuflowError
+from npuflow.core.errors import NpuflowError
 
 DIST_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}  # device -> torch.distributed backend
 COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
@@ -124,60 +116,3 @@ def shard_llama(model: nn.Module, rank: int, world: int, group=None) -> nn.Modul
             module = layer.get_submodule(parent)
             setattr(module, child, shard_row(getattr(module, child), rank, world, group))
     return model
-
-
-# ---------------------------------------------------------------------------------------------- worker
-
-
-def check_shardable(model_dir: Path, ranks: int) -> None:
-    """Fail before starting any rank when the model does not split evenly over `ranks`."""
-    cfg = json.loads((model_dir / "config.json").read_text())
-    heads = cfg["num_attention_heads"]
-    kv_heads, ffn = cfg.get("num_key_value_heads") or heads, cfg["intermediate_size"]
-    for what, n in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
-                    ("intermediate_size", ffn)):
-        if n % ranks:
-            raise ConfigError(f"{what} = {n} does not split over {ranks} ranks; choose a tp that divides it")
-    qm = model_dir / "quant_manifest.json"
-    group = json.loads(qm.read_text()).get("group_size") if qm.is_file() else None
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    for name, n in (("o_proj", heads * head_dim), ("down_proj", ffn)):
-        if group and (n // ranks) % group:
-            raise ConfigError(
-                f"{name}'s {n} input features over {ranks} ranks ({n // ranks} each) do not split into whole "
-                f"int4 groups of {group}; use a tp or group_size that does"
-            )
-
-
-def _first_error(stderr: str) -> str:
-    """The first exception line a rank printed (torchrun's own report follows it)."""
-    found = re.search(r"^(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception)\b:.*)$", stderr, re.M)
-    return found.group(1) if found else stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
-
-
-def launch(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig, ranks: int,
-           timeout_s: float | None = None) -> dict:
-    """Run the tensor-parallel benchmark on `ranks` processes (torchrun, one device each); rank 0's result."""
-    import npuflow
-
-    check_shardable(model_dir, ranks)
-    env = dict(os.environ)
-    root = str(Path(npuflow.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    if device == "cpu":  # the ranks share the cores
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
-    with tempfile.TemporaryDirectory(prefix="npuflow-tp-") as tmp:
-        out = Path(tmp) / "rank0.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               "-m", "npuflow.bench.parallel", str(model_dir), device, dtype, cfg.model_dump_json(), str(out)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise NpuflowError(f"the tensor-parallel benchmark ({ranks} ranks) ran past {timeout_s} s"
-                               ) from None
-        if proc.returncode != 0 or not out.is_file():
-            raise NpuflowError(
-                f"the tensor-parallel benchmark ({ranks} ranks, {DIST_BACKENDS[device]}) failed "
-                f"(exit {proc.returncode}): {_first_error(proc.stderr)}\n{proc.stderr[-3000:]}"
-            )
-        return json.loads(out.read_text())

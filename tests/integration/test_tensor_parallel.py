@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from npuflow.bench.measure import make_prompt
+from npuflow.bench.parallel import launch
 from npuflow.core.config import BenchmarkConfig, QuantizationConfig
 from npuflow.quant.streaming import quantize_dir
 from npuflow.runtime.backends import cpu
 from npuflow.runtime.engine import Engine
 from npuflow.runtime.loader import load_quantized
-from npuflow.runtime.parallel import launch
 from npuflow.runtime.scheduler import generate
 
 pytestmark = pytest.mark.integration

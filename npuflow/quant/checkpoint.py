@@ -114,11 +114,13 @@ def check_calibration(cfg, hf_config: dict, file_names, texts: dict[str, str] | 
     builtin = {k: v for k, v in texts.items() if v.startswith("builtin:")}
     if builtin and not is_demo(hf_config):
         key, uri = next(iter(builtin.items()))
+        cli = "; --calibration URI on the command line" if key.startswith("quantization.") else ""
         raise ConfigError(
             f"{' and '.join(users)} run(s) text through the model, and {key} is {uri!r}: the demo model's "
-            "synthetic corpus, meaningless for this model. Name a calibration set of real text: "
+            "synthetic corpus, meaningless for this model. Name a set of real text: "
             f"{key}: s3://BUCKET/pile-val.jsonl or file:///PATH/wikitext.txt (UTF-8 text, or JSON lines with "
-            "a \"text\" field); --calibration on the command line. Or quantize with RTN and no sensitivity."
+            f"a \"text\" field){cli}. Or quantize with RTN and no sensitivity. (A demo model built before "
+            "npuflow marked it in config.json: rebuild it with npuflow make-tiny-model.)"
         )
     names = {Path(n).name for n in file_names}
     if not names & set(TOKENIZER_FILES) and not any(n.endswith(".tiktoken") for n in names):

@@ -2,9 +2,10 @@
 the convert stage and the vLLM launcher read.
 
 npuflow's own runtime serves every scheme and format on every device. vLLM-family engines load only
-what they have kernels for (shared/DESIGN.md, "Serving"): vLLM CPU has no W8A16 kernel, vLLM CUDA
-loads compressed-tensors W4A16 and W8A16 (Marlin), and vllm-ascend loads msmodelslim W8A16 with
-`--quantization ascend` (it has no dense W4A16 method).
+what they have kernels for (shared/DESIGN.md, "Serving"): vLLM CPU has no W8A16 kernel (it runs int8 as
+W8A8: compressed-tensors int-quantized, oneDNN), vLLM CUDA loads compressed-tensors W4A16, W8A16 (Marlin)
+and W8A8, and vllm-ascend loads msmodelslim W8A16, W8A8 and W8A8_DYNAMIC with `--quantization ascend`
+(it has no dense W4A16 method).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 ENGINES = ("npuflow", "vllm")
 # (engine, device) -> the (scheme, format) pairs it can run; absent: everything
 RUNS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
-    ("vllm", "cpu"): (("w4a16", "compressed-tensors"),),
-    ("vllm", "cuda"): (("w4a16", "compressed-tensors"), ("w8a16", "compressed-tensors")),
-    ("vllm", "npu"): (("w8a16", "msmodelslim"),),
+    ("vllm", "cpu"): (("w4a16", "compressed-tensors"), ("w8a8", "compressed-tensors"),
+                      ("w8a8-dynamic", "compressed-tensors")),
+    ("vllm", "cuda"): (("w4a16", "compressed-tensors"), ("w8a16", "compressed-tensors"),
+                       ("w8a8", "compressed-tensors"), ("w8a8-dynamic", "compressed-tensors")),
+    ("vllm", "npu"): (("w8a16", "msmodelslim"), ("w8a8", "msmodelslim"), ("w8a8-dynamic", "msmodelslim")),
 }
 # (engine, device) -> arguments the engine needs to load that device's format
 ENGINE_ARGS: dict[tuple[str, str], tuple[str, ...]] = {
@@ -25,8 +28,9 @@ DTYPES: dict[tuple[str, str], tuple[str, ...]] = {
     ("vllm", "cpu"): ("bfloat16",),  # cpu_gemm_wna16 has no float32 path; vLLM CPU has no float16
 }
 WHY = {
-    ("vllm", "cpu"): "vLLM CPU has no W8A16 kernel",
-    ("vllm", "npu"): "vllm-ascend loads msmodelslim W8A16 with --quantization ascend and has no dense W4A16",
+    ("vllm", "cpu"): "vLLM CPU has no W8A16 kernel; its int8 kernels are W8A8 (oneDNN)",
+    ("vllm", "npu"): "vllm-ascend loads msmodelslim W8A16 / W8A8 / W8A8_DYNAMIC with --quantization ascend and has "
+                     "no dense W4A16",
 }
 
 

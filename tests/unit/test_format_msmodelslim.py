@@ -172,7 +172,7 @@ def test_read_gives_back_what_quantize_produced(w8a16_dir: Path, tiny_random_lla
 def test_w4a16_is_refused_with_the_supported_choices(tiny_random_llama_dir: Path, tmp_path: Path,
                                                      group_size: int) -> None:
     # vllm-ascend registers W4A16 for MoE experts only (methods/w4a16.py): a dense Llama would not load
-    with pytest.raises(ValueError, match=r"supported: w8a16 .*compressed-tensors"):  # refused by the config
+    with pytest.raises(ValueError, match=r"supported: w8a16, w8a8, w8a8-dynamic .*compressed-tensors"):  # refused by the config
         _quantize(tiny_random_llama_dir, tmp_path / "out", scheme="w4a16", group_size=group_size)
 
 
@@ -205,5 +205,5 @@ def test_read_refuses_a_type_it_does_not_know(w8a16_dir: Path, tmp_path: Path) -
     description = json.loads(path.read_text())
     description["model.layers.0.mlp.down_proj.weight"] = "W4A8_DYNAMIC"
     path.write_text(json.dumps(description))
-    with pytest.raises(NpuflowError, match="W4A8_DYNAMIC; npuflow reads W8A16 and FLOAT"):
+    with pytest.raises(NpuflowError, match="W4A8_DYNAMIC; npuflow reads W8A16, W8A8, W8A8_DYNAMIC and FLOAT"):
         read(copy)

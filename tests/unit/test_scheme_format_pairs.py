@@ -13,11 +13,12 @@ from npuflow.quant.streaming import quantize_dir
 from npuflow.runtime.backends import cpu
 from npuflow.runtime.loader import load_quantized, load_reference
 
-SCHEMES = {"w8a16": [None], "w4a16": [32, 64]}
+SCHEMES = {"w8a16": [None], "w4a16": [32, 64], "w8a8": [None], "w8a8-dynamic": [None]}
 FORMATS = ("native", "msmodelslim", "compressed-tensors")
 ACCEPTED = {
     ("w8a16", "native"), ("w8a16", "msmodelslim"), ("w8a16", "compressed-tensors"),
     ("w4a16", "native"), ("w4a16", "compressed-tensors"),
+    *((s, f) for s in ("w8a8", "w8a8-dynamic") for f in FORMATS),
 }
 
 
@@ -46,8 +47,13 @@ def test_the_accepted_pairs_are_exactly_these() -> None:
 def test_accepted_pair_runs_close_to_the_float_model(scheme, group, fmt, tiny_random_llama_dir: Path,
                                                      tmp_path: Path) -> None:
     out = tmp_path / "q"
-    out.mkdir()
-    qm = quantize_dir(tiny_random_llama_dir, out, _cfg(scheme, group, fmt))
+    if scheme.startswith("w8a8"):  # calibrated (SmoothQuant) on token windows: this checkpoint has no tokenizer
+        from tests.unit.test_w8a8 import _quantize
+
+        qm = _quantize(tiny_random_llama_dir, out, scheme, 0.5, fmt)
+    else:
+        out.mkdir()
+        qm = quantize_dir(tiny_random_llama_dir, out, _cfg(scheme, group, fmt))
     assert qm["format"] == fmt and qm["scheme"] == scheme
     model = load_quantized(out, cpu, torch.float32)
     ref = load_reference(tiny_random_llama_dir, torch.device("cpu"))
@@ -55,4 +61,5 @@ def test_accepted_pair_runs_close_to_the_float_model(scheme, group, fmt, tiny_ra
     with torch.inference_mode():
         a, b = model(ids).logits, ref(ids).logits
     err = ((a - b).abs().max() / b.abs().max()).item()
-    assert 0 < err < (0.05 if scheme == "w8a16" else 0.25), err
+    # static W8A8: one activation range per linear (per-tensor), coarser than per token on this random model
+    assert 0 < err < {"w4a16": 0.25, "w8a8": 0.1}.get(scheme, 0.05), err

@@ -29,6 +29,7 @@ RUNTIME_OPS = {
     "npu_rms_norm", "npu_add_rms_norm", "npu_add_rms_norm_cast", "npu_rotary_mul", "npu_apply_rotary_pos_emb",
     "npu_fusion_attention", "npu_incre_flash_attention", "npu_fused_infer_attention_score", "npu_swiglu",
     "npu_weight_quant_batchmatmul", "npu_convert_weight_to_int4pack",
+    "npu_quant_matmul", "npu_dynamic_quant", "npu_quantize", "npu_trans_quant_param",  # W8A8
 }
 REQUIRED = object()  # a parameter without a default
 

@@ -20,17 +20,21 @@ from tests.unit.conftest import TINY_LLAMA, _make_tiny_llama, _quiet_transformer
 OUTLIERS = (5, 40)  # input channels whose activations are 40x the rest (the norm weights carry them)
 
 
-@pytest.fixture(scope="module")
-def outlier_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _make_outlier_llama() -> torch.nn.Module:
     """The tiny random Llama with a few outlier channels in every RMSNorm weight, as trained LLMs have."""
     model = _make_tiny_llama(seed=1)
     with torch.no_grad():
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[list(OUTLIERS)] = 40.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def outlier_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("outlier-llama") / "m"
     with _quiet_transformers():
-        model.save_pretrained(out)
+        _make_outlier_llama().save_pretrained(out)
     return out
 
 

@@ -67,6 +67,30 @@ def linear_w4a16(
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
+def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, input_scale: torch.Tensor | None = None,
+                input_offset: torch.Tensor | None = None, wsum: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 as vllm-ascend runs it: per token, npu_dynamic_quant + npu_quant_matmul(pertoken_scale) (w8a8_dynamic.py);
+    static, npu_quantize(x * 1/input_scale + input_offset) + npu_quant_matmul with deq_scale = input_scale *
+    scale and the int32 bias -input_offset * wsum (w8a8_static.py; fp16 needs the int64 deq_scale)."""
+    import torch_npu
+
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, x.shape[-1])
+    if input_scale is None:
+        xq, xs = torch_npu.npu_dynamic_quant(x2)
+        y = torch_npu.npu_quant_matmul(xq, qweight.t(), scale.float(), pertoken_scale=xs, output_dtype=x.dtype)
+    else:
+        xq = torch_npu.npu_quantize(x2, 1.0 / input_scale.float(), input_offset.float(), torch.qint8, -1, False)
+        deq = (input_scale.float() * scale.float()).contiguous()  # (out,)
+        if x.dtype == torch.float16:
+            deq = torch_npu.npu_trans_quant_param(deq)
+        if wsum is None:
+            wsum = qweight.sum(dim=1, dtype=torch.int32)
+        bias = (-input_offset.to(torch.int32) * wsum).to(torch.int32)  # (out,) exact: offset is an integer
+        y = torch_npu.npu_quant_matmul(xq, qweight.t(), deq, bias=bias, output_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
 def prepare(model: torch.nn.Module, graph: bool = False) -> torch.nn.Module:
     """Swap the Llama blocks onto torch_npu's fused kernels (norms, rotary, attention, SwiGLU).
 
@@ -88,6 +112,7 @@ def prepare(model: torch.nn.Module, graph: bool = False) -> torch.nn.Module:
 def kernels(dtype: torch.dtype) -> dict[str, str]:
     return {"linear_w8a16": "torch_npu.npu_weight_quant_batchmatmul",
             "linear_w4a16": "torch_npu.npu_weight_quant_batchmatmul (per group, int8-held int4)",
+            "linear_w8a8": "torch_npu.npu_quant_matmul (+ npu_dynamic_quant per token / npu_quantize static)",
             "rms_norm": "torch_npu.npu_rms_norm / npu_add_rms_norm", "rotary": "torch_npu.npu_rotary_mul",
             "attention": "torch_npu.npu_fusion_attention (prefill) / npu_incre_flash_attention (decode)",
             "swiglu": "torch_npu.npu_swiglu"}

@@ -474,17 +474,95 @@ def npu_weight_quant_batchmatmul(
     return torch.round(y).clamp(-128, 127).to(torch.int8)
 
 
+# ---- W8A8: activation quantization and the int8 x int8 matmul -------------------------------------------------
+
+
+def npu_dynamic_quant(x: torch.Tensor, *, smooth_scales: torch.Tensor | None = None,
+                      group_index: torch.Tensor | None = None, dst_type=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch_npu.npu_dynamic_quant (_op_plugin_docs.py): symmetric int8 per token (row of the last dim).
+
+    x (..., K) float16/bfloat16 -> (y int8 (..., K), scale float32 (...)), y = round(x * smooth / scale) with
+    scale = rowmax|x * smooth| / 127.
+    """
+    if group_index is not None or dst_type not in (None, torch.int8):
+        _unsupported("npu_dynamic_quant", group_index=group_index, dst_type=dst_type)
+    xf = x.float() * (smooth_scales.float() if smooth_scales is not None else 1.0)
+    scale = xf.abs().amax(dim=-1).clamp(min=1e-12) / 127.0  # (...)
+    return (xf / scale[..., None]).round().clamp(-128, 127).to(torch.int8), scale
+
+
+def npu_quantize(input: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, dtype: int,
+                 axis: int = 1, div_mode: bool = True) -> torch.Tensor:
+    """torch_npu.npu_quantize: round(input / scales + zero_points) (div_mode) or round(input * scales +
+    zero_points) to int8 (dtype torch.qint8 or torch.int8); scales/zero_points broadcast along `axis`."""
+    if dtype not in (torch.qint8, torch.int8):
+        _unsupported("npu_quantize", dtype=dtype)
+    shape = [1] * input.dim()
+    if scales.numel() > 1:
+        shape[axis] = scales.numel()
+    s = scales.float().reshape(shape)
+    y = input.float() / s if div_mode else input.float() * s
+    if zero_points is not None:
+        y = y + zero_points.float().reshape(shape)
+    return y.round().clamp(-128, 127).to(torch.int8)
+
+
+def npu_trans_quant_param(scale: torch.Tensor, offset: torch.Tensor | None = None, round_mode: int = 0) -> torch.Tensor:
+    """torch_npu.npu_trans_quant_param: float32 scale (t,) -> int64 (t,) for npu_quant_matmul with fp16 output.
+    The reference keeps the float32 bit pattern in the low 32 bits (what msModelSlim's deqscale2int64 writes);
+    npu_quant_matmul's reference reads it back the same way."""
+    if offset is not None:
+        _unsupported("npu_trans_quant_param", offset=offset)
+    return scale.float().reshape(-1).contiguous().view(torch.int32).to(torch.int64)
+
+
+def _scale_float(scale: torch.Tensor) -> torch.Tensor:
+    """npu_quant_matmul's scale as float32: int64 scales carry the float32 bits in their low 32 bits."""
+    if scale.dtype == torch.int64:
+        return (scale & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    return scale.float()
+
+
+def npu_quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *, offset: torch.Tensor | None = None,
+                     pertoken_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                     output_dtype=None) -> torch.Tensor:
+    """torch_npu.npu_quant_matmul (_op_plugin_docs.py), int8 x int8:
+    bias int32: y = (x1 @ x2 + bias) * scale [* pertoken_scale]; float bias: y = x1 @ x2 * scale [* pts] + bias.
+
+    x1 int8 (M, K); x2 int8 (K, N) (a transposed (N, K) weight); scale (N,) or (1,) float32/bfloat16, or
+    int64 from npu_trans_quant_param; pertoken_scale float32 (M,); output_dtype None means int8.
+    """
+    _unsupported("npu_quant_matmul", offset=offset)
+    if x1.dtype != torch.int8 or x2.dtype != torch.int8:
+        raise NotImplementedError(f"npu_quant_matmul reference: int8 x int8 only, got {x1.dtype} x {x2.dtype}")
+    acc = x1.double() @ x2.double()  # (M, N) exact integer sums, as the int32 accumulator
+    if bias is not None and bias.dtype == torch.int32:
+        acc = acc + bias.double()
+    y = acc * _scale_float(scale).double()
+    if pertoken_scale is not None:
+        y = y * pertoken_scale.double()[..., None]
+    if bias is not None and bias.dtype != torch.int32:
+        y = y + bias.double()
+    if output_dtype in (None, torch.int8):
+        return y.round().clamp(-128, 127).to(torch.int8)
+    return y.to(output_dtype)
+
+
 __all__ = [
     "npu_add_rms_norm",
     "npu_add_rms_norm_cast",
     "npu_apply_rotary_pos_emb",
     "npu_convert_weight_to_int4pack",
+    "npu_dynamic_quant",
     "npu_fused_infer_attention_score",
     "npu_fusion_attention",
     "npu_incre_flash_attention",
+    "npu_quant_matmul",
+    "npu_quantize",
     "npu_rms_norm",
     "npu_rotary_mul",
     "npu_swiglu",
+    "npu_trans_quant_param",
     "npu_weight_quant_batchmatmul",
     "unpack_int4pack",
 ]

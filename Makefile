@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup demo test lint clean vllm
+.PHONY: setup demo test lint clean vllm llamacpp
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ lint: setup
 
 vllm:  ## the vLLM (CPU) environment in .venv-vllm, from infra/vllm/requirements.txt (a serving engine)
 	bash infra/vllm/install.sh .venv-vllm
+
+llamacpp:  ## llama.cpp (llama-cpp-python built from source, native CPU) + gguf in .venv-llamacpp, for benchmarks/cpu_runtime.py; ~5 min
+	bash infra/llamacpp/install.sh .venv-llamacpp
 
 clean:
 	rm -rf .npuflow .pytest_cache .ruff_cache

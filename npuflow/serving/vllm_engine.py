@@ -316,20 +316,6 @@ class RemoteEngine:
         except (httpx.HTTPError, ValueError, OSError) as err:
             put(("error", f"the engine at {self.url} is unreachable or broke off: {type(err).__name__}: {err}"))
 
-    def failure_hint(self) -> str:
-        """What the engine's log says about a worker that died, with the fix where one is known."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        if "exit code: -4" in text:
-            return (f"\na vLLM worker died of SIGILL (illegal instruction; log {self.log_path}). On a CPU with AMX, "
-                    "vLLM 0.32's kernels need the AMX permission that the environment `make vllm` builds requests "
-                    "at startup: use it (serving.python: .venv-vllm/bin/python) or copy "
-                    "infra/vllm/amx_permission.pth into the site-packages of serving.python")
-        died = [line for line in text.splitlines() if "died unexpectedly" in line]
-        return f"\n{died[-1].strip()} (log {self.log_path})" if died else ""
-
     def alive(self) -> bool:
         return self.process is None or self.process.alive()
 

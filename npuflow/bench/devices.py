@@ -54,19 +54,27 @@ def get_device(name: str) -> DeviceSpec:
         raise ConfigError(f"unknown device {name!r}; valid: {', '.join([*DEVICES, 'cpu'])}") from None
 
 
-def measure_cpu_bandwidth_gbs(size_mb: int = 256, repeats: int = 5) -> float:
-    """Read bandwidth of this machine, GB/s: best of `repeats` sums over a buffer far larger than cache."""
+def measure_cpu_bandwidth_gbs(size_mb: int = 256, repeats: int = 5, threads: int | None = None) -> float:
+    """Read bandwidth of this machine, GB/s (1e9 bytes/s): best of `repeats` sums over a buffer far larger than
+    cache, a STREAM-like read. threads: torch intra-op threads for the read (a runtime's decode reads with its
+    own thread count, and one or two cores reach well under the socket's figure); None = torch's current."""
     import time
 
     import torch
 
-    buf = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
-    buf.sum()  # fault the pages in
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        buf = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
+        buf.sum()  # fault the pages in
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            buf.sum()
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
     return buf.numel() * 4 / best / 1e9
 
 

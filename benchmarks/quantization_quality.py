@@ -24,15 +24,20 @@ from npuflow.quant.model import quantize_model
 from npuflow.runtime.backends import cpu
 from npuflow.runtime.loader import load_quantized, load_reference, load_tokenizer
 
-RUNS = [("w8a16", None, "rtn"), ("w8a16", None, "gptq"), ("w4a16", 128, "rtn"), ("w4a16", 128, "gptq"),
-        ("w4a16", 32, "rtn"), ("w4a16", 32, "gptq")]
+# (scheme, group size, method, SmoothQuant alpha: w8a8 schemes only, None there means no smoothing)
+RUNS = [("w8a16", None, "rtn", None), ("w8a16", None, "gptq", None), ("w4a16", 128, "rtn", None),
+        ("w4a16", 128, "gptq", None), ("w4a16", 32, "rtn", None), ("w4a16", 32, "gptq", None),
+        ("w8a8", None, "rtn", 0.5), ("w8a8", None, "rtn", None),
+        ("w8a8-dynamic", None, "rtn", 0.5), ("w8a8-dynamic", None, "rtn", None)]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="an HF Llama directory (default: build the demo model)")
     p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--schemes", default="", help="comma-separated schemes to run (default: all)")
     a = p.parse_args()
+    runs = [r for r in RUNS if not a.schemes or r[0] in a.schemes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         src = a.model or build_tiny_llama(work / "tiny-llama")
@@ -40,17 +45,18 @@ def main() -> None:
         tok.model_max_length = 1 << 62
         windows = make_windows(tok(eval_text())["input_ids"], 128, a.max_tokens)
         ref = load_reference(src, torch.device("cpu"))
-        print(f"{'scheme':8} {'group':>5} {'method':6} {'ppl ref':>9} {'ppl cand':>9} {'delta %':>9} {'top-1':>7} "
+        print(f"{'scheme':12} {'group':>5} {'method':6} {'alpha':>5} {'ppl ref':>9} {'ppl cand':>9} {'delta %':>9} {'top-1':>7} "
               f"{'KL':>9} {'seconds':>8}")
-        for scheme, group, method in RUNS:
-            out = work / f"{scheme}-{group}-{method}"
+        for scheme, group, method, alpha in runs:
+            out = work / f"{scheme}-{group}-{method}-{alpha}"
             out.mkdir()
             t = time.perf_counter()
             quantize_model(src, out, QuantizationConfig(scheme=scheme, group_size=group, method=method,
-                                                        sensitivity=False))
+                                                        sensitivity=False, smoothquant_alpha=alpha))
             secs = time.perf_counter() - t
             m = compare(ref, load_quantized(out, cpu, torch.float32), windows, 8, torch.device("cpu"))
-            print(f"{scheme:8} {group or '-':>5} {method:6} {m['ppl_reference']:9.5f} {m['ppl_candidate']:9.5f} "
+            smooth = "-" if alpha is None else f"{alpha:g}"
+            print(f"{scheme:12} {group or '-':>5} {method:6} {smooth:>5} {m['ppl_reference']:9.5f} {m['ppl_candidate']:9.5f} "
                   f"{m['ppl_delta_pct']:+9.4f} {m['top1_agreement']:7.4f} {m['kl_divergence']:9.2e} {secs:8.1f}")
 
 

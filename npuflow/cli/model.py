@@ -48,7 +48,7 @@ def fetch(source: Annotated[str, typer.Argument(help="file://DIR, s3://BUCKET/PR
 @app.command()
 def quantize(source: Annotated[str, typer.Argument(help="Model directory, or file://, s3://, hf://ORG/NAME@REV.")],
              output: Annotated[Path, typer.Option("--output", help="Directory to create.")],
-             scheme: Annotated[str, typer.Option(help="w8a16 or w4a16.")] = "w8a16",
+             scheme: Annotated[str, typer.Option(help="w8a16, w4a16, w8a8 or w8a8-dynamic.")] = "w8a16",
              group_size: Annotated[int | None, typer.Option(help="w4a16: 32, 64 or 128 (default 128).")] = None,
              method: Annotated[str, typer.Option(help="rtn or gptq (calibrated).")] = "rtn",
              fmt: Annotated[str, typer.Option("--format", help="native, msmodelslim or compressed-tensors.")] = "native",

@@ -140,6 +140,8 @@ class ConvertConfig(_Frozen):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the backend's default
     graph: bool = False  # graph mode (torch.compile / torchair); eager when false
     offline: OfflineConfig | None = None  # also export the offline model (ONNX + atc) into the deployable
+    tp: int = Field(1, ge=1)  # smoke-test on tp x pp torchrun ranks, each reading only its part (a model
+    pp: int = Field(1, ge=1)  # larger than one device); 1 x 1: in this process
 
 
 class GateConfig(_Frozen):
@@ -155,6 +157,8 @@ class ValidationConfig(_Frozen):
     seq_len: int = Field(128, ge=8)  # tokens per evaluation window
     max_tokens: int = Field(8192, ge=64)  # evaluation tokens at most (the text is truncated)
     batch_size: int = Field(8, ge=1)  # windows per forward pass
+    tp: int = Field(1, ge=1)  # score candidate and reference on tp x pp torchrun ranks, both sharded the same
+    pp: int = Field(1, ge=1)  # way (a 70B fp16 reference then fits the cards the candidate needs); 1 x 1: here
     gates: GateConfig = GateConfig()
 
     _text_scheme = field_validator("eval_text")(lambda v: _text_uri(v, "eval_text"))

@@ -8,9 +8,10 @@ send/recv, and the last stage's logits are broadcast to every rank, so each rank
 same tokens: the one generation loop (runtime/engine.Engine) runs unchanged on every rank.
 
 Worker (started by torchrun through `launch_task`):
-  torchrun --standalone --nproc-per-node TP*PP -m npuflow.runtime.pipeline TASK MODEL_DIR cpu float32 TP PP ARGS_JSON OUT
-TASK: `generate` (greedy tokens of given prompts) or `validate` (quality metrics against a reference that
-is sharded the same way, so a 70B fp16 reference fits the cards the candidate needs).
+  torchrun --standalone --nproc-per-node TP*PP -m npuflow.runtime.pipeline TASK MODEL_DIR cpu float32 TP PP ARGS_FILE OUT
+TASK: `generate` (greedy tokens of given prompts), `validate` (quality metrics against a reference that
+is sharded the same way, so a 70B fp16 reference fits the cards the candidate needs) or `smoke` (the
+convert stage's forward pass).
 """
 
 from __future__ import annotations
@@ -172,10 +173,23 @@ def _validate(model: nn.Module, backend: ModuleType, args: dict, dtype: torch.dt
               group) -> dict:
     """Quality metrics of the candidate against the reference, both sharded the same way."""
     from npuflow.eval.quality import compare
+    from npuflow.runtime.loader import DTYPES
 
-    reference = load_rank(Path(args["reference"]), backend, dtype, layout, group)
+    ref_dtype = DTYPES[args.get("reference_dtype", str(dtype).removeprefix("torch."))]
+    reference = load_rank(Path(args["reference"]), backend, ref_dtype, layout, group)
     windows = torch.tensor(args["windows"])  # (N, seq_len)
     return compare(reference, model, windows, args["batch_size"], backend.device())
+
+
+def _smoke(model: nn.Module, backend: ModuleType, args: dict) -> dict:
+    """One forward pass on the given tokens (the convert stage's smoke test): are the logits finite, and the
+    first 8 logits of the last position (the stage fingerprints them)."""
+    ids = torch.tensor([args["tokens"]], device=backend.device())  # (1, T)
+    logits = model(ids).logits.float()  # (1, T, vocab)
+    return {"finite": bool(torch.isfinite(logits).all()), "last_logits": logits[0, -1, :8].cpu().tolist()}
+
+
+TASKS = ("generate", "validate", "smoke")
 
 
 def _set_device(backend: ModuleType, local_rank: int) -> None:
@@ -197,13 +211,16 @@ def worker(task: str, model_dir: Path, device: str, dtype_name: str, tp: int, pp
     try:
         with torch.inference_mode():
             model = load_rank(model_dir, backend, DTYPES[dtype_name], layout, group)
+            loaded_rss = peak_rss_mb()
             if task == "generate":
                 result = _generate(model, backend, args)
             elif task == "validate":
                 result = _validate(model, backend, args, DTYPES[dtype_name], layout, group)
+            elif task == "smoke":
+                result = _smoke(model, backend, args)
             else:
-                raise ConfigError(f"invalid task {task!r}; valid: generate, validate")
-        result |= {"peak_rss_mb": peak_rss_mb(), "rank": layout.rank}
+                raise ConfigError(f"invalid task {task!r}; valid: {', '.join(TASKS)}")
+        result |= {"peak_rss_mb": peak_rss_mb(), "load_peak_rss_mb": loaded_rss, "rank": layout.rank}
         gathered = [None] * (tp * pp)
         dist.all_gather_object(gathered, result)
         if layout.rank == 0:
@@ -222,16 +239,16 @@ def peak_rss_mb() -> float:
 
 def _main() -> None:
     p = argparse.ArgumentParser(description="npuflow tp x pp rank (start it with torchrun)")
-    p.add_argument("task", choices=("generate", "validate"))
+    p.add_argument("task", choices=TASKS)
     p.add_argument("model_dir", type=Path)
     p.add_argument("device", choices=sorted(DIST_BACKENDS))
     p.add_argument("dtype")
     p.add_argument("tp", type=int)
     p.add_argument("pp", type=int)
-    p.add_argument("args_json")
+    p.add_argument("args_file", type=Path, help="the task's arguments, JSON")
     p.add_argument("output", type=Path, help="where rank 0 writes its JSON result")
     a = p.parse_args()
-    worker(a.task, a.model_dir, a.device, a.dtype, a.tp, a.pp, json.loads(a.args_json), a.output)
+    worker(a.task, a.model_dir, a.device, a.dtype, a.tp, a.pp, json.loads(a.args_file.read_text()), a.output)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # gloo's threads sometimes abort interpreter finalization (see npuflow/bench/parallel.py)
@@ -271,10 +288,11 @@ def launch_task(task: str, model_dir: Path, device: str, dtype: str, tp: int, pp
     if device == "cpu":  # the ranks share the cores
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (tp * pp))))
     with tempfile.TemporaryDirectory(prefix="npuflow-pp-") as tmp:
-        out = Path(tmp) / "rank0.json"
+        out, args_file = Path(tmp) / "rank0.json", Path(tmp) / "args.json"
+        args_file.write_text(json.dumps(args))  # a file: evaluation windows outgrow one argv string (128 KiB)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}",
                "-m", "npuflow.runtime.pipeline", task, str(model_dir), device, dtype, str(tp), str(pp),
-               json.dumps(args), str(out)]
+               str(args_file), str(out)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -37,7 +38,26 @@ def smoke_test(model: torch.nn.Module, vocab_size: int, device: torch.device) ->
         logits = model(ids).logits.float()  # (1, T, vocab)
     if not torch.isfinite(logits).all():
         raise NpuflowError("smoke test failed: the converted model produced NaN/Inf logits")
-    return hashlib.sha256(logits[0, -1, :8].round(decimals=2).cpu().numpy().tobytes()).hexdigest()
+    return fingerprint(logits[0, -1, :8])
+
+
+def fingerprint(last_logits: torch.Tensor) -> str:
+    """sha256 of the first 8 logits of the last position, float32 rounded to 2 decimals."""
+    return hashlib.sha256(last_logits.float().round(decimals=2).cpu().numpy().tobytes()).hexdigest()
+
+
+def smoke_test_ranks(model_dir: Path, cfg: ConvertConfig, dtype: torch.dtype) -> str:
+    """The smoke test on cfg.tp x cfg.pp ranks (torchrun), each reading only its part of the weights."""
+    from npuflow.runtime.pipeline import launch_task
+
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    tokens = (torch.arange(SMOKE_TOKENS) * 7919 % vocab).tolist()
+    log.info("smoke test on tp = %d x pp = %d ranks", cfg.tp, cfg.pp)
+    out = launch_task("smoke", model_dir, cfg.device, str(dtype).removeprefix("torch."), cfg.tp, cfg.pp,
+                      {"tokens": tokens})
+    if not out["finite"]:
+        raise NpuflowError("smoke test failed: the converted model produced NaN/Inf logits")
+    return fingerprint(torch.tensor(out["last_logits"]))
 
 
 def convert(quantized: QuantizedArtifact, cfg: ConvertConfig, store: Store, cache_root: Path,
@@ -62,13 +82,16 @@ def convert(quantized: QuantizedArtifact, cfg: ConvertConfig, store: Store, cach
         log.info("cache hit: %s", found.uri)
         return found
     model_dir = materialize(store, quantized.key, quantized.files, cache_root)
-    model = load_quantized(model_dir, backend, dtype, graph=cfg.graph)
-    fingerprint = smoke_test(model, model.config.vocab_size, backend.device())
+    if cfg.tp * cfg.pp > 1:
+        smoke = smoke_test_ranks(model_dir, cfg, dtype)
+    else:
+        model = load_quantized(model_dir, backend, dtype, graph=cfg.graph)
+        smoke = smoke_test(model, model.config.vocab_size, backend.device())
     deployable = Deployable(
         uri=store.url(key), key=key, name=quantized.name, quantized_manifest_sha256=quantized.manifest_sha256,
         quantized_key=quantized.key, device=cfg.device, device_name=device_name,
         runtime="npuflow-graph" if cfg.graph else "npuflow-eager", dtype=str(dtype).removeprefix("torch."),
-        kernels=backend.kernels(dtype), versions=versions, smoke_logits_sha256=fingerprint, engine=engine,
+        kernels=backend.kernels(dtype), versions=versions, smoke_logits_sha256=smoke, engine=engine,
     )
     log.info("converted for %s (%s, %s, served by %s): smoke test passed", cfg.device, device_name,
              deployable.dtype, engine)

@@ -36,7 +36,7 @@ def validate(
     """Score reference and candidate; cache the metrics, evaluate the gates from the current config."""
     text = load_eval_text(cfg.eval_text)
     text_sha = hashlib.sha256(text.encode()).hexdigest()
-    measured = cfg.model_dump(exclude={"gates", "eval_text"})
+    measured = cfg.model_dump(exclude={"gates", "eval_text"} | ({"tp", "pp"} if cfg.tp * cfg.pp == 1 else set()))
     key = f"models/{model.name}/validation/" + digest(
         model.manifest_sha256, deployable.manifest_sha256, measured, text_sha, CODE_VERSION
     )[:16]
@@ -44,7 +44,7 @@ def validate(
     if found is not None:
         log.info("cache hit: %s", found.uri)
         return found.model_copy(update={"gates": evaluate_gates(found.metrics, cfg.gates)})
-    backend = get_backend(deployable.device)
+    get_backend(deployable.device)  # unavailable device: its reason, before any work
     quantized = load_manifest(store, deployable.quantized_key, QuantizedArtifact)
     if quantized is None:
         raise NpuflowError(f"the quantized weights {deployable.quantized_key} are gone from the store; re-run quantize")
@@ -57,9 +57,7 @@ def validate(
     windows = make_windows(tokenizer(text)["input_ids"], cfg.seq_len, cfg.max_tokens)
     log.info("scoring %d windows of %d tokens (reference %s, candidate %s)", windows.shape[0], cfg.seq_len,
              ref_dtype, dtype)
-    reference = load_reference(ref_dir, backend.device(), ref_dtype)
-    candidate = load_quantized(cand_dir, backend, dtype)
-    metrics = compare(reference, candidate, windows, cfg.batch_size, backend.device())
+    metrics = score(ref_dir, cand_dir, windows, cfg, deployable.device, dtype, ref_dtype)
     eval_tokens = int(metrics.pop("eval_tokens"))
     report = ValidationReport(
         uri=store.url(key), key=key, deployable_manifest_sha256=deployable.manifest_sha256,
@@ -69,3 +67,22 @@ def validate(
     log.info("ppl reference %.4f candidate %.4f (%+.3f%%), top-1 %.4f, KL %.5f", metrics["ppl_reference"],
              metrics["ppl_candidate"], metrics["ppl_delta_pct"], metrics["top1_agreement"], metrics["kl_divergence"])
     return publish(store, report)
+
+
+def score(ref_dir: Path, cand_dir: Path, windows: torch.Tensor, cfg: ValidationConfig, device: str,
+          dtype: torch.dtype, ref_dtype: torch.dtype) -> dict[str, float]:
+    """compare() in this process, or on cfg.tp x cfg.pp ranks with reference and candidate sharded alike."""
+    backend = get_backend(device)
+    if cfg.tp * cfg.pp == 1:
+        reference = load_reference(ref_dir, backend.device(), ref_dtype)
+        candidate = load_quantized(cand_dir, backend, dtype)
+        return compare(reference, candidate, windows, cfg.batch_size, backend.device())
+    from npuflow.runtime.pipeline import launch_task
+
+    name = {v: k for k, v in DTYPES.items()}
+    log.info("scoring on tp = %d x pp = %d ranks", cfg.tp, cfg.pp)
+    out = launch_task("validate", cand_dir, device, name[dtype], cfg.tp, cfg.pp,
+                      {"reference": str(ref_dir), "reference_dtype": name[ref_dtype], "windows": windows.tolist(),
+                       "batch_size": cfg.batch_size})
+    return {k: out[k] for k in ("ppl_reference", "ppl_candidate", "ppl_delta_pct", "top1_agreement",
+                                "kl_divergence", "eval_tokens")}

@@ -127,3 +127,25 @@ def test_runtime_uses_the_int8_linear(outlier_llama_dir: Path, tmp_path: Path) -
     assert isinstance(q, QuantLinear) and q.act == "token" and q.scale.dtype == torch.float32
     manifest = json.loads((tmp_path / "q" / "quant_manifest.json").read_text())
     assert manifest["tensors"]["model.layers.0.self_attn.q_proj.weight"]["dtype"] == "int8"
+
+
+def test_w8a8_config_refusals_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="supported method: rtn"):
+        QuantizationConfig(scheme="w8a8", method="gptq")
+    with pytest.raises(ValueError, match=r"keep lm_head in quantization\.ignore"):
+        QuantizationConfig(scheme="w8a8-dynamic", ignore=("model.embed_tokens",))
+    with pytest.raises(ValueError, match="group_size applies to w4a16 only"):
+        QuantizationConfig(scheme="w8a8", group_size=64)
+    with pytest.raises(ValueError, match="smoothquant_alpha"):
+        QuantizationConfig(scheme="w8a8", smoothquant_alpha=1.5)
+
+
+def test_w8a8_needs_real_calibration_text_before_any_work(tiny_random_llama_dir: Path, tmp_path: Path) -> None:
+    from npuflow.core.errors import NpuflowError
+    from npuflow.quant.model import quantize_model
+
+    out = tmp_path / "q"
+    out.mkdir()
+    with pytest.raises(NpuflowError, match=r"scheme w8a8 \(SmoothQuant\).*builtin:tiny-corpus-train"):
+        quantize_model(tiny_random_llama_dir, out, QuantizationConfig(scheme="w8a8"))
+    assert not any(out.iterdir())

@@ -7,10 +7,11 @@ Prints input MB/s and the CLI process's peak RSS against the target
 
 The checkpoint is written tensor by tensor (never a whole model in memory) with random weights and a
 small byte-level BPE tokenizer (tokenizer.json), as a hub checkpoint ships one. The command is
-`npuflow quantize file://CKPT --scheme S --output OUT` with the defaults users get (its fetch into a
-fresh NPUFLOW_HOME store, hashing, quantization and the atomic publish all timed); peak RSS is the
-child's ru_maxrss (RUSAGE_CHILDREN: the only child this process waits for). Options after `--` go to
-the CLI as they are (e.g. `-- --sensitivity` to time the sensitivity report).
+`npuflow quantize file://CKPT --scheme S --output OUT` with the defaults users get (start-up, the
+checks, reading the checkpoint in place, quantization and the atomic publish all timed, in a fresh
+NPUFLOW_HOME); peak RSS is the child's ru_maxrss (RUSAGE_CHILDREN: the only child this process waits
+for). Options after `--` go to the CLI as they are: `-- --sensitivity` times the sensitivity report
+(calibration text: a generated JSON-lines file unless --calibration is given too).
 """
 
 from __future__ import annotations
@@ -142,6 +143,11 @@ def main() -> None:
             (src / "SHA256SUMS").write_text("".join(f"{sha256_file(f)}  {f.name}\n" for f in sorted(src.iterdir())))
         print(f"generated {sum(1 for _ in src.glob('*.safetensors'))} shards, {total / 1e6:.0f} MB "
               f"(largest {largest / 1e6:.0f} MB) + tokenizer in {time.perf_counter() - t0:.1f} s")
+        if "--sensitivity" in extra and "--calibration" not in extra:  # a random model: any real-looking text
+            cal = work / "calibration.jsonl"
+            cal.write_text("".join(json.dumps({"text": f"document {i}: the quick brown fox jumps over the lazy dog "
+                                                       f"{i * 13} times, line after line."}) + "\n" for i in range(3000)))
+            extra += ["--calibration", cal.as_uri()]
         secs, peak, cpu = run_cli(src, out, work / "home", a.scheme, extra)
         mbps = total / 1e6 / secs
         limit = 2 * largest / 2**20 + 1024

@@ -210,14 +210,15 @@ def plan_layout(model: str, device: str, precision: Precision, tp: int = 1, pp: 
                 batch: int = 1) -> dict:
     """Per-device memory of a tp x pp layout as npuflow's ranks load it (runtime/shard_load): each device
     holds 1/tp of its stage's decoder linears and KV heads and 1/pp of the layers; the embedding sits on the
-    first stage and lm_head on the last, whole on each of their tp ranks. `fits` within USABLE_FRACTION."""
+    first stage and lm_head on the last, split by vocabulary rows over the tp ranks when tp divides the
+    vocabulary (else whole on each). `fits` within USABLE_FRACTION."""
     m, dev = model_shape(model), get_device(device)
     if m.heads % tp or m.kv_heads % tp or m.ffn % tp or m.layers % pp:
         raise ConfigError(f"{m.name}: tp = {tp} must divide heads {m.heads}, kv heads {m.kv_heads} and ffn "
                           f"{m.ffn}; pp = {pp} must divide the {m.layers} layers")
     linear_b = weight_bytes(m, precision) - 2 * m.other_params  # other params stay 16-bit
     stage_linear = linear_b / pp / tp
-    table = m.vocab * m.hidden * 2  # one 16-bit embedding or lm_head, bytes
+    table = m.vocab * m.hidden * 2 / (tp if m.vocab % tp == 0 else 1)  # one 16-bit embedding or lm_head, bytes
     ends = table * (1 if pp > 1 or m.tied else 2)  # the heaviest stage's replicated tables
     kv = kv_bytes_per_token(m) * context * batch / pp / tp
     per_device = stage_linear + ends + kv + 2 * m.hidden * (2 * m.layers // pp + 1)

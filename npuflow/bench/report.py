@@ -74,11 +74,12 @@ def primary(report: BenchmarkReport) -> Scenario:
 
 def metric_suffix(s: Scenario, scenarios: Iterable[Scenario]) -> str:
     """bs4_in512 (DESIGN.md); _out128 added only when another scenario differs from it in output_len alone;
-    tensor-parallel scenarios start with tpN_."""
+    tensor-parallel scenarios start with tpN_, pipeline-parallel ones with ppN_ (N ranks)."""
     clash = any(o.mode == s.mode and (o.batch_size, o.input_len) == (s.batch_size, s.input_len)
                 and o.output_len != s.output_len for o in scenarios)
     base = f"bs{s.batch_size}_in{s.input_len}" + (f"_out{s.output_len}" if clash else "")
-    return f"tp{s.devices}_{base}" if s.mode == "tensor-parallel" else base
+    prefix = {"tensor-parallel": "tp", "pipeline-parallel": "pp"}.get(s.mode)  # N = all ranks of the layout
+    return f"{prefix}{s.devices}_{base}" if prefix else base
 
 
 def _scenario_values(s: Scenario) -> dict[str, float]:

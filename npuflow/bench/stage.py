@@ -88,7 +88,7 @@ def build_report(results: list[dict], model_dir: Path, device: str, device_name:
               f"over {len(energy_used)} scenario runs (tensor-parallel: rank 0's counter)" if energy_used
               else first["energy_note"])
     method = {
-        "model": label or model_dir.name, "mode": cfg.mode, "tp": cfg.tp, "warmup": cfg.warmup,
+        "model": label or model_dir.name, "mode": cfg.mode, "tp": cfg.tp, "pp": cfg.pp, "warmup": cfg.warmup,
         "iterations": cfg.iterations, "min_seconds": cfg.min_seconds,
         "stability_stdev_pct_max": cfg.stability_stdev_pct_max,
         "tpot_regression_pct": cfg.tpot_regression_pct,
@@ -130,13 +130,13 @@ def benchmark_dir(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig
     then run the engine eagerly, as the sharded ranks do)."""
     check_scenarios_fit(model_dir, cfg)
     check_load_tool(cfg)
-    tp = cfg.mode == "tensor-parallel"
+    tp = cfg.mode != "single"  # tensor- or pipeline-parallel: ranks under torchrun
     results = ([measure(model_dir, device, dtype, cfg, runtime, graph and not tp)]
                if cfg.mode == "single" or single_baseline else [])
-    if cfg.mode == "tensor-parallel":
+    if tp:
         from npuflow.bench.parallel import launch
 
-        results.append(launch(model_dir, device, dtype, cfg, cfg.tp))
+        results.append(launch(model_dir, device, dtype, cfg))
     size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     report = build_report(results, model_dir, device, get_backend(device).device_name(), cfg, size,
                           uri=model_dir.resolve().as_uri(), key=model_dir.name)
@@ -193,11 +193,11 @@ def benchmark(deployable: Deployable, cfg: BenchmarkConfig, store: Store, cache_
     scenarios = cfg.resolved_scenarios
     log.info("benchmarking %d scenario(s) (%s): %d warm-up + >= %d runs and >= %g s each", len(scenarios),
              ", ".join(s.name for s in scenarios), cfg.warmup, cfg.iterations, cfg.min_seconds)
-    if cfg.mode == "tensor-parallel":  # the mode being released only: the model may not fit one device
+    if cfg.mode != "single":  # the mode being released only: the model may not fit one device
         from npuflow.bench.parallel import launch
 
-        log.info("tensor-parallel: %d ranks", cfg.tp)
-        results = [launch(model_dir, deployable.device, deployable.dtype, cfg, cfg.tp)]
+        log.info("%s: tp = %d x pp = %d ranks", cfg.mode, cfg.tp, cfg.pp)
+        results = [launch(model_dir, deployable.device, deployable.dtype, cfg)]
     else:
         results = [_measure_in_child(model_dir, deployable.device, deployable.dtype, cfg,
                                      deployable.runtime == Runtime.NPUFLOW_GRAPH)]

@@ -32,8 +32,10 @@ def benchmark(model: Annotated[Path, typer.Argument(
               warmup: Annotated[int, typer.Option(help="Untimed runs first, per scenario.")] = 2,
               iterations: Annotated[int, typer.Option(help="Timed runs at least, per scenario.")] = 5,
               min_seconds: Annotated[float, typer.Option(help="And at least this long, per scenario.")] = 0.0,
-              mode: Annotated[str, typer.Option(help="single or tensor-parallel (torchrun).")] = "single",
-              tp: Annotated[int, typer.Option("--tp", help="Ranks in tensor-parallel mode (torchrun).")] = 1,
+              mode: Annotated[str, typer.Option(help="single, tensor-parallel or pipeline-parallel (torchrun).")]
+              = "single",
+              tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel ranks per stage (torchrun).")] = 1,
+              pp: Annotated[int, typer.Option("--pp", help="Pipeline stages (mode pipeline-parallel).")] = 1,
               single_baseline: Annotated[bool, typer.Option(
                   help="Tensor-parallel: also measure one device, and compare greedy tokens.")] = True,
               report: Annotated[Path | None, typer.Option("--report", help="Write report.md/.html, plots.")]
@@ -45,7 +47,7 @@ def benchmark(model: Annotated[Path, typer.Argument(
                        "these concurrency levels, e.g. 1,4,16 (--input-len/--output-len per request; needs "
                        "`make vllm`).")] = None,
               as_json: JsonOpt = False) -> None:
-    """Time TTFT and TPOT per scenario on DEVICE (single: this process; tensor-parallel: torchrun ranks)."""
+    """Time TTFT and TPOT per scenario on DEVICE (single: this process; tensor-/pipeline-parallel: torchrun ranks)."""
     from npuflow.bench.report import render
     from npuflow.bench.stage import benchmark_dir
 
@@ -59,7 +61,7 @@ def benchmark(model: Annotated[Path, typer.Argument(
             raise ConfigError(f"--serve-concurrency {serve_concurrency!r}: expected integers separated by "
                               "commas, e.g. 1,4,16") from None
     cfg = _bench_config(scenarios, batch_size, input_len, output_len, warmup=warmup, iterations=iterations,
-                        min_seconds=min_seconds, mode=mode, tp=tp, serving_load=load)
+                        min_seconds=min_seconds, mode=mode, tp=tp, pp=pp, serving_load=load)
     rep = benchmark_dir(model, device, dtype, cfg, single_baseline=single_baseline, runtime=runtime, graph=graph)
     files = render(rep, report, tpot_regression_pct=cfg.tpot_regression_pct) if report else []
     data = _bench_data(rep, cfg, runtime, dtype, files)
@@ -126,12 +128,12 @@ def _bench_data(rep, cfg, runtime: str, dtype: str, files: list[Path]) -> dict:
 
     greedy = rep.greedy_tokens
     return {
-        **rep.metrics, "energy": rep.energy, "mode": cfg.mode, "tp": cfg.tp, "device_name": rep.device_name,
+        **rep.metrics, "energy": rep.energy, "mode": cfg.mode, "tp": cfg.tp, "pp": cfg.pp,
+        "device_name": rep.device_name,
         "runtime": rep.method["runtime"].get(cfg.mode, runtime), "dtype": dtype,
         "first_run_s": rep.method["first_run_s"],
         "greedy_tokens": greedy,
-        "greedy_tokens_match": (greedy.get("tensor-parallel") == greedy.get("single")) if len(greedy) > 1
-        else None,
+        "greedy_tokens_match": (greedy.get(cfg.mode) == greedy.get("single")) if len(greedy) > 1 else None,
         "metrics": rep.metrics | scenario_metrics(rep), "scenarios": [s.model_dump() for s in rep.scenarios],
         "roofline": rep.roofline, "report_files": [str(f) for f in files],
         "serving": rep.serving, "serving_method": rep.serving_method,
@@ -167,7 +169,7 @@ def _print_bench(model: Path, rep, data: dict, files: list[Path]) -> None:
         console.print(served)
     if data["greedy_tokens_match"] is not None:
         same = "identical" if data["greedy_tokens_match"] else "DIFFER"
-        console.print(f"greedy tokens, tensor-parallel vs single: {same}")
+        console.print(f"greedy tokens, {data['mode']} vs single: {same}")
     console.print(f"energy: {rep.energy}")
     if files:
         console.print(f"report: {files[1]}")

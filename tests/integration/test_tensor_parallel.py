@@ -106,3 +106,17 @@ def test_tp_that_splits_int4_groups_fails_before_starting_ranks(demo_quantized, 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "do not split into whole int4 groups of 128; use a tp or group_size that does" in proc.stderr
     assert "torch.distributed" not in proc.stderr  # no rank was started
+
+
+def test_pp2_as_a_user_runs_it_from_the_cli_equals_single_device(demo_quantized, tmp_path):
+    """`npuflow benchmark --mode pipeline-parallel --pp 2`: two stages of contiguous layers, same tokens."""
+    out = tmp_path / "bench.json"
+    proc = npuflow("benchmark", str(demo_quantized["w8a16"]), "--mode", "pipeline-parallel", "--pp", "2",
+                   "--input-len", "32", "--output-len", "16", "--warmup", "1", "--iterations", "2",
+                   "--output", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert (data["mode"], data["tp"], data["pp"]) == ("pipeline-parallel", 1, 2)
+    assert data["greedy_tokens"]["pipeline-parallel"] == data["greedy_tokens"]["single"]
+    assert data["greedy_tokens_match"] is True
+    assert "greedy tokens, pipeline-parallel vs single: identical" in proc.stdout

@@ -106,7 +106,10 @@ def apply_promotion(c, candidate: ModelVersion, decision: PromotionDecision, app
         log.info("version %s waits for its staged rollout against champion %s", candidate.version,
                  decision.champion_version)
     elif decision.action == "keep_champion":
-        keep = candidate.tags.get(Tag.ROLLOUT) == RolloutState.ROLLED_BACK  # that record stays as it is
+        # a rolled-back version's record stays as it is; so does a former champion's (released again after a
+        # newer one took over, it is still `previous` or history, not a rejected candidate)
+        keep = candidate.tags.get(Tag.ROLLOUT) in (RolloutState.ROLLED_BACK, RolloutState.PROMOTED,
+                                                   RolloutState.RESTORED)
         tag_version(c, candidate, {Tag.PROMOTION_REASON: reason} if keep else {Tag.ROLLOUT: RolloutState.REJECTED,
                                                                             "promotion_reason": reason})
         log.info("champion stays version %s: %s", decision.champion_version, reason)

@@ -11,8 +11,10 @@ temporary Prefect API, MLflow, a store) killed or cut off part way, then run aga
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -312,3 +314,54 @@ def test_s3_endpoint_down_mid_upload_is_retried_and_no_half_artifact_is_visible(
     key = quantized_manifests()[0].removeprefix("p/").removesuffix("/manifest.json")
     found = load_manifest(store, key, QuantizedArtifact)
     materialize(store, key, found.files, npuflow_home / "check")  # downloads and verifies every hash
+
+
+def test_ten_concurrent_npuflow_runs_of_two_artifacts_give_one_version_each_and_one_champion(
+        tmp_path: Path, tiny_source) -> None:
+    """Ten `npuflow run`s started together against one registry and store (each with its own temporary
+    Prefect API, so only the store's lock coordinates them): five of a W8A16 config, five of W4A16. Then
+    exactly one version per artifact, one champion, every promotion decided against the champion of its
+    moment (one run saw none; never two), and a former champion is `previous`, not re-tagged rejected."""
+    home = tmp_path / "home"
+    configs = []
+    for scheme in ("w8a16", "w4a16"):
+        cfg = yaml.safe_load(write_config(tmp_path, tiny_source).read_text())
+        cfg["quantization"] = {"scheme": scheme}
+        configs.append(tmp_path / f"{scheme}.yaml")
+        configs[-1].write_text(yaml.safe_dump(cfg))
+    env = cli_env(home)
+    procs = []
+    for i in range(10):
+        err = open(tmp_path / f"run-{i}.log", "wb")
+        procs.append((subprocess.Popen([sys.executable, "-m", "npuflow.cli", "run", str(configs[i % 2])],
+                                       cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                       start_new_session=True), err))
+    codes = []
+    for proc, err in procs:
+        codes.append(proc.wait(900))
+        err.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    logs = [(tmp_path / f"run-{i}.log").read_text() for i in range(10)]
+    assert codes == [0] * 10, "\n---\n".join(log[-1500:] for c, log in zip(codes, logs, strict=True) if c)
+    c = registry.client(f"sqlite:///{home / 'mlflow.db'}")
+    versions = sorted(c.search_model_versions(f"name='{NAME}'"), key=lambda v: int(v.version))
+    shas = [v.tags["artifact_sha256"] for v in versions]
+    assert len(versions) == 2 and len(set(shas)) == 2, shas
+    assert {v.tags["quant_scheme"] for v in versions} == {"w8a16", "w4a16"}
+    # every run decided against the champion of its moment: one saw none, the others name it
+    decisions = [m.group(1) for log in logs
+                 for m in re.finditer(r"promote: ((?:promote|keep_champion|already_champion|rollout): .*)", log)]
+    assert len(decisions) == 10 and sum("no champion yet" in d for d in decisions) == 1, decisions
+    assert all("no champion yet" in d or "champion v" in d or d.startswith("already_champion") for d in decisions)
+    first_scheme = next(("w8a16", "w4a16")[i % 2] for i, log in enumerate(logs) if "no champion yet" in log)
+    first = next(str(v.version) for v in versions if v.tags["quant_scheme"] == first_scheme)
+    aliases = registry.aliases(c, NAME)
+    assert aliases[Alias.CHAMPION] in ("1", "2") and all(v.tags.get("rollout") == "promoted" for v in versions
+                                                          if str(v.version) == aliases[Alias.CHAMPION])
+    if aliases[Alias.CHAMPION] != first:  # the second artifact took over from the first
+        assert aliases.get(Alias.PREVIOUS) == first
+    assert not any(v.tags.get("rollout") == "rejected" and str(v.version) == aliases.get(Alias.PREVIOUS)
+                   for v in versions), "a former champion was re-tagged rejected"
+    print("10 concurrent runs:", {v.version: (v.tags["quant_scheme"], v.tags.get("rollout")) for v in versions},
+          "aliases", aliases)

@@ -74,7 +74,7 @@ def assert_runconfig_form(schema: dict) -> None:
     defs = schema["definitions"]
     assert {"name", "source", "quantization", "convert", "validation", "benchmark", "promotion"} <= set(
         defs["RunConfig"]["properties"])
-    assert defs["QuantizationConfig"]["properties"]["scheme"]["enum"] == ["w8a16", "w4a16"]
+    assert defs["QuantizationConfig"]["properties"]["scheme"]["enum"] == ["w8a16", "w4a16", "w8a8", "w8a8-dynamic"]  # the typed form
     assert defs["ConvertConfig"]["properties"]["device"]["enum"] == ["cpu", "cuda", "npu"]
 
 

@@ -132,7 +132,15 @@ def s3(s3_env, monkeypatch):
 def _upstream(s3, bucket: str, size: int = 3 << 20) -> None:
     s3.create_bucket(Bucket=bucket)
     s3.put_object(Bucket=bucket, Key="m/config.json", Body=json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    s3.put_object(Bucket=bucket, Key="m/model.safetensors", Body=os.urandom(size))
+    import torch
+    from safetensors.torch import save
+
+    def shard(n: int) -> bytes:
+        return save({"w": torch.frombuffer(bytearray(os.urandom(n)), dtype=torch.uint8)})
+
+    weights = shard(size - (len(shard(size)) - size))  # a whole shard of exactly `size` bytes
+    assert len(weights) == size
+    s3.put_object(Bucket=bucket, Key="m/model.safetensors", Body=weights)
 
 
 def test_s3_errors_are_classified(s3, s3_env, monkeypatch) -> None:

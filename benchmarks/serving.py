@@ -38,24 +38,31 @@ SHAPE = {"hidden_size": 1024, "num_hidden_layers": 12, "num_attention_heads": 16
 NAME = "m220"
 
 
-def build_model(work: Path) -> Path:
-    """The random 220M Llama with a 32000-word tokenizer, quantized W4A16 g128 compressed-tensors."""
-    out = work / "w4a16-ct"
-    if (out / "quant_manifest.json").is_file():
-        return out
+def build_source(work: Path) -> Path:
+    """The random 220M Llama (bf16, seed 0) with a 32000-word tokenizer, in HF format under work/src."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     src = work / "src"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**SHAPE, bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])
-                     ).to(torch.bfloat16).save_pretrained(src)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**SHAPE, bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])
+                         ).to(torch.bfloat16).save_pretrained(src)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, SHAPE["vocab_size"])}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                             model_max_length=SHAPE["max_position_embeddings"]).save_pretrained(src)
+    return src
+
+
+def build_model(work: Path) -> Path:
+    """build_source's model quantized W4A16 g128 compressed-tensors (what vLLM CPU serves)."""
+    out = work / "w4a16-ct"
+    if (out / "quant_manifest.json").is_file():
+        return out
+    src = build_source(work)
     subprocess.run([str(ROOT / ".venv/bin/npuflow"), "quantize", str(src), "--output", str(out), "--scheme", "w4a16",
                     "--group-size", "128", "--format", "compressed-tensors"], check=True)
     return out

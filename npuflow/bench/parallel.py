@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -21,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from npuflow.core.config import BenchmarkConfig
-from npuflow.core.errors import ConfigError, NpuflowError
+from npuflow.core.errors import ConfigError
 from npuflow.runtime.parallel import DIST_BACKENDS
 
 
@@ -68,33 +66,15 @@ def launch(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig, ranks
     """Run the benchmark on cfg.tp x cfg.pp ranks (torchrun, one device each); rank 0's result.
 
     Each rank reads only its part of the weights (runtime/shard_load). `ranks`, when given, must be tp x pp."""
-    import npuflow
-    from npuflow.runtime.pipeline import check_layout, rank_failure
+    from npuflow.runtime.pipeline import check_model_layout, run_ranks
 
     world = cfg.tp * cfg.pp
     if ranks is not None and ranks != world:
         raise ConfigError(f"{ranks} ranks asked for tp = {cfg.tp} x pp = {cfg.pp}; tp * pp = {world}")
-    qm = model_dir / "quant_manifest.json"
-    check_layout(json.loads((model_dir / "config.json").read_text()), cfg.tp, cfg.pp,
-                 json.loads(qm.read_text()).get("group_size") if qm.is_file() else None)
-    env = dict(os.environ)
-    root = str(Path(npuflow.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    if device == "cpu":  # the ranks share the cores
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    check_model_layout(model_dir, cfg.tp, cfg.pp)
     what = f"the {cfg.mode} benchmark (tp = {cfg.tp} x pp = {cfg.pp} ranks, {DIST_BACKENDS[device]})"
-    with tempfile.TemporaryDirectory(prefix="npuflow-tp-") as tmp:
-        out = Path(tmp) / "rank0.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-               "-m", "npuflow.bench.parallel", str(model_dir), device, dtype, cfg.model_dump_json(), str(out)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise NpuflowError(f"{what} ran past {timeout_s} s") from None
-        if proc.returncode != 0 or not out.is_file():
-            raise NpuflowError(f"{what} failed (exit {proc.returncode}): {rank_failure(proc.stderr)}\n"
-                               f"{proc.stderr[-3000:]}")
-        return json.loads(out.read_text())
+    return run_ranks("npuflow.bench.parallel", [str(model_dir), device, dtype, cfg.model_dump_json()], world,
+                     device, what, timeout_s)
 
 
 def _set_device(backend: ModuleType, local_rank: int) -> None:

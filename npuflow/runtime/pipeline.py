@@ -273,34 +273,49 @@ def rank_failure(stderr: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def launch_task(task: str, model_dir: Path, device: str, dtype: str, tp: int, pp: int, args: dict,
-                timeout_s: float = 600.0) -> dict:
-    """Run `task` on tp * pp ranks (torchrun, one device each) and return rank 0's result; one NpuflowError
-    when the layout does not fit the model (before any rank starts), a rank dies or time runs out."""
+def check_model_layout(model_dir: Path, tp: int, pp: int) -> None:
+    """check_layout on a model directory (its config and, when quantized, its int4 group size)."""
+    qm = model_dir / "quant_manifest.json"
+    check_layout(json.loads((model_dir / "config.json").read_text()), tp, pp,
+                 json.loads(qm.read_text()).get("group_size") if qm.is_file() else None)
+
+
+def run_ranks(module: str, argv: list[str], world: int, device: str, what: str, timeout_s: float,
+              payload: str | None = None) -> dict:
+    """torchrun `python -m MODULE *argv [ARGS_FILE] OUT` on `world` local ranks (one device each) and return
+    the JSON rank 0 writes to OUT; `payload` goes through ARGS_FILE (argv is limited to 128 KiB). One
+    NpuflowError naming `what` when a rank dies or time runs out."""
     import npuflow
 
-    cfg = json.loads((model_dir / "config.json").read_text())
-    qm = model_dir / "quant_manifest.json"
-    check_layout(cfg, tp, pp, json.loads(qm.read_text()).get("group_size") if qm.is_file() else None)
     env = dict(os.environ)
     root = str(Path(npuflow.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     if device == "cpu":  # the ranks share the cores
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (tp * pp))))
-    with tempfile.TemporaryDirectory(prefix="npuflow-pp-") as tmp:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    with tempfile.TemporaryDirectory(prefix="npuflow-ranks-") as tmp:
         out, args_file = Path(tmp) / "rank0.json", Path(tmp) / "args.json"
-        args_file.write_text(json.dumps(args))  # a file: evaluation windows outgrow one argv string (128 KiB)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}",
-               "-m", "npuflow.runtime.pipeline", task, str(model_dir), device, dtype, str(tp), str(pp),
-               str(args_file), str(out)]
+        if payload is not None:
+            args_file.write_text(payload)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               "-m", module, *argv, *([str(args_file)] if payload is not None else []), str(out)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise NpuflowError(f"{task} on tp = {tp} x pp = {pp} ranks ran past {timeout_s} s") from None
+            raise NpuflowError(f"{what} ran past {timeout_s} s") from None
         if proc.returncode != 0 or not out.is_file():
-            raise NpuflowError(f"{task} on tp = {tp} x pp = {pp} ranks ({DIST_BACKENDS[device]}) failed (exit "
-                               f"{proc.returncode}): {rank_failure(proc.stderr)}\n{proc.stderr[-3000:]}")
+            raise NpuflowError(f"{what} failed (exit {proc.returncode}): {rank_failure(proc.stderr)}\n"
+                               f"{proc.stderr[-3000:]}")
         return json.loads(out.read_text())
+
+
+def launch_task(task: str, model_dir: Path, device: str, dtype: str, tp: int, pp: int, args: dict,
+                timeout_s: float = 600.0) -> dict:
+    """Run `task` on tp * pp ranks (torchrun, one device each) and return rank 0's result; one NpuflowError
+    when the layout does not fit the model (before any rank starts), a rank dies or time runs out."""
+    check_model_layout(model_dir, tp, pp)
+    return run_ranks("npuflow.runtime.pipeline", [task, str(model_dir), device, dtype, str(tp), str(pp)], tp * pp,
+                     device, f"{task} on tp = {tp} x pp = {pp} ranks ({DIST_BACKENDS[device]})", timeout_s,
+                     payload=json.dumps(args))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.serving import SHAPE
+from benchmarks.serving import SHAPE, build_source
 from npuflow.core.config import QuantizationConfig
 from npuflow.quant.model import quantize_model
 from npuflow.runtime.backends import cpu
@@ -37,26 +37,8 @@ print("RESULT " + json.dumps({"tokens": [o.outputs[0].token_ids[0] for o in outs
 """
 
 
-def _source(work: Path) -> Path:
-    """The random 220M Llama (bf16) with a 32000-word tokenizer, as benchmarks/serving.py build_model makes it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    src = work / "src"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**SHAPE, bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])
-                         ).to(torch.bfloat16).save_pretrained(src)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, SHAPE["vocab_size"])}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            model_max_length=SHAPE["max_position_embeddings"]).save_pretrained(src)
-    return src
-
-
 def test_vllm_cpu_runs_npuflow_w8a8_and_agrees_with_npuflow(tmp_path: Path) -> None:
-    src = _source(tmp_path)
+    src = build_source(tmp_path)
     g = torch.Generator().manual_seed(1)
     words = torch.randint(3, SHAPE["vocab_size"], (4096,), generator=g).tolist()
     text = tmp_path / "calibration.txt"  # random words: the model is random too

@@ -3,7 +3,9 @@
 Each rank holds 1/N of every decoder linear. q/k/v/gate/up are column-parallel (each rank computes
 1/N of the output features: whole attention heads, whole kv heads, 1/N of the MLP's hidden units);
 o/down are row-parallel (each rank multiplies its 1/N of the input features and an all_reduce sums
-the partial outputs). Embeddings, norms and lm_head are replicated. Two all-reduces per layer.
+the partial outputs). Two all-reduces per layer. shard_llama keeps embeddings, norms and lm_head whole;
+the rank-local loader splits the embedding and lm_head by vocabulary rows (shard_load.py). Every
+collective goes through `timed` (the benchmark's communication share of TPOT).
 
 transformers 5.x LlamaAttention reshapes q/k/v with `-1` heads and keeps `num_key_value_groups =
 heads / kv_heads`, which is the same on every rank when both head counts split evenly: no per-rank
@@ -17,6 +19,9 @@ split as shard_llama); pipeline stages are in runtime/pipeline.py. Run it with
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -26,6 +31,36 @@ from npuflow.core.errors import NpuflowError
 DIST_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}  # device -> torch.distributed backend
 COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROW = ("self_attn.o_proj", "mlp.down_proj")
+
+
+class CommClock:
+    """Seconds this process spends inside its collectives and point-to-point calls (all_reduce, all_gather,
+    send, recv, broadcast), counted only while `on` (the benchmark turns it on for its timed runs). `sync`:
+    the backend's synchronize, called around each call on accelerators, whose collectives are asynchronous
+    (the time then is the collective's own, not the compute queued before it); None on the CPU (gloo's calls
+    return when done). The time includes waiting for the slowest peer, as a profiler's would."""
+
+    def __init__(self) -> None:
+        self.on, self.seconds, self.calls = False, 0.0, 0
+        self.sync: Callable[[], None] | None = None
+
+
+COMM = CommClock()
+
+
+def timed(fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs), its wall time added to COMM when COMM.on."""
+    if not COMM.on:
+        return fn(*args, **kwargs)
+    if COMM.sync is not None:
+        COMM.sync()
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if COMM.sync is not None:
+        COMM.sync()
+    COMM.seconds += time.perf_counter() - t
+    COMM.calls += 1
+    return out
 
 
 class RowParallel(nn.Module):
@@ -41,7 +76,7 @@ class RowParallel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in / N) -> (..., out)
         y = self.inner(x)
-        dist.all_reduce(y, group=self.group)
+        timed(dist.all_reduce, y, group=self.group)
         return y + self.bias if self.bias is not None else y
 
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from npuflow.core.errors import ConfigError, NpuflowError
-from npuflow.runtime.parallel import DIST_BACKENDS
+from npuflow.runtime.parallel import DIST_BACKENDS, timed
 from npuflow.runtime.shard_load import Placement, load_rank_local, stage_layers
 
 TIMEOUT_S = 120.0  # a collective or a rendezvous waiting longer than this fails (a peer died or hangs)
@@ -110,17 +110,17 @@ class PipelineStage(nn.Module):
             h = self.inner.model.embed_tokens(input_ids)  # (B, T, d)
         else:
             h = torch.empty(b, t, self.hidden, dtype=dtype, device=input_ids.device)
-            dist.recv(h, src=self.layout.peer(self.layout.stage - 1))
+            timed(dist.recv, h, src=self.layout.peer(self.layout.stage - 1))
         if self.last:
             logits = self.inner(inputs_embeds=h, logits_to_keep=logits_to_keep, **kwargs).logits
         else:
             out = self.inner.model(inputs_embeds=h, **kwargs).last_hidden_state  # norm is Identity here
-            dist.send(out.contiguous(), dst=self.layout.peer(self.layout.stage + 1))
+            timed(dist.send, out.contiguous(), dst=self.layout.peer(self.layout.stage + 1))
             k = len(logits_to_keep) if isinstance(logits_to_keep, torch.Tensor) else (logits_to_keep or t)
             logits = torch.empty(b, min(k, t), self.config.vocab_size, dtype=dtype, device=input_ids.device)
         if self.layout.pp > 1:
             logits = logits.contiguous()
-            dist.broadcast(logits, src=self.layout.logits_src)
+            timed(dist.broadcast, logits, src=self.layout.logits_src)
         return SimpleNamespace(logits=logits)
 
 

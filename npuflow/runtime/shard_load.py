@@ -9,11 +9,16 @@ cuts a loaded model into:
   row-parallel o/down: columns [r*in/N, (r+1)*in/N) of weight (packed int4: (out, in/2), so columns
   [r*in/2N, ...)), 4-bit scale/zero (out, groups) by whole groups, 8-bit per-channel scale (out,) and the
   bias whole (added once after the all_reduce).
-Everything else (embeddings, norms, lm_head) is read whole, and only by the stages that hold it. Layers of
-other stages are never read. The local layers are renumbered 0..n-1 (their KV cache slots) and
-config.num_hidden_layers becomes n on this rank's copy of the config.
+The embedding and lm_head are split by vocabulary rows over the tp ranks when tp divides the vocabulary
+(Megatron/vLLM's VocabParallelEmbedding and vocab-parallel lm_head): rows [r*V/N, (r+1)*V/N) of the table and,
+quantized (int8 per row, or int4 groups), of its scale and zero; the embedding looks up the ids it holds
+(zeros elsewhere) and an all_reduce sums them, the head's logits are all-gathered. Everything else (norms;
+the tables when tp does not divide the vocabulary, or a quantized tied table) is read whole, and only by
+the stages that hold it. Layers of other stages are never read. The local layers are renumbered 0..n-1
+(their KV cache slots) and config.num_hidden_layers becomes n on this rank's copy of the config.
 
-Peak host memory per rank ~ its slices + the replicated parts + one 8 MiB chunk of rows.
+Peak host memory per rank ~ its slices + the replicated parts + one 8 MiB chunk of rows; the heap the
+reads freed goes back to the OS after loading (malloc_trim).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ log = logging.getLogger("npuflow.runtime")
 COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROW = ("self_attn.o_proj", "mlp.down_proj")
 VOCAB_TABLES = ("model.embed_tokens.weight", "lm_head.weight")  # (vocab, d) each
+VOCAB_MODULES = ("model.embed_tokens.", "lm_head.")  # their weight, weight_scale, weight_zero_point: rows by vocab
 SCALE, ZERO = "weight_scale", "weight_zero_point"  # native format's names (npuflow/formats/native.py)
 
 
@@ -48,7 +54,7 @@ class Placement:
     layers: range | None = None  # decoder layers this rank's pipeline stage owns (None: all)
     first: bool = True  # holds embed_tokens (the first pipeline stage)
     last: bool = True  # holds model.norm and lm_head (the last pipeline stage)
-    vocab_parallel: bool = False  # float embedding and lm_head split by vocabulary rows over the tp ranks
+    vocab_parallel: bool = False  # embedding and lm_head (float or quantized) split by vocabulary rows over tp
 
 
 def stage_layers(n_layers: int, stage: int, stages: int) -> range:
@@ -90,7 +96,7 @@ def split_dim(name: str, ndim: int, bits: int | None, vocab_parallel: bool = Fal
     """The dimension `name` is split along across tensor-parallel ranks (None: read whole)."""
     layer, module, leaf = _split(name)
     if layer is None:
-        return 0 if vocab_parallel and name in VOCAB_TABLES else None
+        return 0 if vocab_parallel and name.startswith(VOCAB_MODULES) else None
     if module in COLUMN:
         return 0
     if module in ROW:
@@ -138,6 +144,9 @@ def read_slice(f, info: dict, base: int, dim: int | None, part: tuple[int, int],
     r0, r1 = part if dim == 0 else (0, rows_total)
     c0, c1 = part if dim == 1 else (0, width)
     out = torch.empty(r1 - r0, c1 - c0, dtype=dst)
+    if dst == src and (c0, c1) == (0, width):  # whole rows as stored: straight into this rank's tensor
+        _read_into(f, start + r0 * width * src.itemsize, out)
+        return out if dim == 1 else out.reshape([r1 - r0, *shape[1:]] if shape else [])
     step = max(1, CHUNK_BYTES // (width * src.itemsize))
     for r in range(r0, r1, step):
         rows = torch.empty(min(step, r1 - r), width, dtype=src)
@@ -186,7 +195,7 @@ def read_local(model_dir: Path, place: Placement, tied: bool,
     return raw, local_meta
 
 
-def _quantized_module(old: nn.Module, path: str, raw: dict, m: dict, place: Placement, dtype: torch.dtype,
+def _quantized_module(old: nn.Module | None, path: str, raw: dict, m: dict, place: Placement, dtype: torch.dtype,
                       backend: ModuleType, group) -> nn.Module:
     """The QuantLinear of this rank's slices of `path` (row-parallel: inside a RowParallel)."""
     from npuflow.formats.native import unpack_int4
@@ -272,15 +281,16 @@ def load_rank_local(model_dir: Path, backend: ModuleType, dtype: torch.dtype, pl
     check_split(config, place)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     float_tables = not any(meta_quantized(model_dir, n) for n in VOCAB_TABLES)
-    place = replace(place, vocab_parallel=place.tp > 1 and config.vocab_size % place.tp == 0 and float_tables)
+    place = replace(place, vocab_parallel=place.tp > 1 and config.vocab_size % place.tp == 0
+                    and (float_tables or not tied))  # a quantized tied table is read whole
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _cut_model(model, place)
     raw, meta = read_local(model_dir, place, tied, dtype)
     dev = backend.device()
     for name, m in meta.items():
-        if not m.get("quantized") or name not in raw:
-            continue
+        if not m.get("quantized") or name not in raw or (place.vocab_parallel and name in VOCAB_TABLES):
+            continue  # vocabulary-split tables: _vocab_parallel_tables
         path = name.removesuffix(".weight")
         old = model.get_submodule(path)
         if isinstance(old, nn.Embedding):
@@ -297,7 +307,7 @@ def load_rank_local(model_dir: Path, backend: ModuleType, dtype: torch.dtype, pl
             if full + ".weight" in raw:
                 _set_module(model, full, _float_linear(full, raw, place, dtype, dev, group))
     if place.vocab_parallel:
-        _vocab_parallel_tables(model, raw, place, dtype, dev, group, tied)
+        _vocab_parallel_tables(model, raw, meta, place, dtype, backend, group, tied)
     sd = {k: (t.to(dev, dtype) if t.is_floating_point() else t.to(dev)) for k, t in raw.items()}
     raw.clear()
     _, unexpected = model.load_state_dict(sd, strict=False, assign=True)
@@ -311,7 +321,21 @@ def load_rank_local(model_dir: Path, backend: ModuleType, dtype: torch.dtype, pl
         model.lm_head.weight = model.model.embed_tokens.weight
     _rebuild_meta_buffers(model, model.config, dev)
     model.eval()
+    release_freed_heap()
     return backend.prepare(model, graph=graph)
+
+
+def release_freed_heap() -> None:
+    """Give the heap that loading freed (read chunks, dtype casts) back to the OS: glibc keeps freed chunks
+    below the top of its heap mapped, which counts in the rank's RSS (measured: ~37 MiB after loading a TP=2
+    rank of the 1B W8A16 model). No-op where the C library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def loaded_bytes(model_dir: Path, dtype: torch.dtype) -> int:
@@ -336,55 +360,94 @@ def loaded_bytes(model_dir: Path, dtype: torch.dtype) -> int:
     return total
 
 
-class VocabParallelEmbedding(nn.Module):
-    """This rank's rows [start, start + V/N) of the embedding; ids elsewhere give zeros, and an all_reduce
-    over the tp ranks sums the one non-zero row of each token (exact), as Megatron's VocabParallelEmbedding."""
+def _vocab_rows(rows: torch.Tensor | nn.Module) -> tuple[str, int]:
+    """('weight', n) for a float table of n rows, ('local', n) for a quantized module holding n rows."""
+    if isinstance(rows, torch.Tensor):
+        return "weight", rows.shape[0]
+    return "local", (rows.qweight if hasattr(rows, "qweight") else rows.weight).shape[0]
 
-    def __init__(self, weight: torch.Tensor, start: int, group=None):
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows [start, start + V/N) of the embedding: a float table (`weight`) or an int8 one
+    (`local`, a W8Embedding of those rows); ids elsewhere give zeros, and an all_reduce over the tp ranks
+    sums the one non-zero row of each token (exact), as Megatron's VocabParallelEmbedding."""
+
+    def __init__(self, rows: torch.Tensor | nn.Module, start: int, group=None):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # (V / N, d)
+        kind, self.rows = _vocab_rows(rows)
+        if kind == "weight":
+            self.weight = nn.Parameter(rows, requires_grad=False)  # (V / N, d)
+        else:
+            self.local = rows
         self.start, self.group = start, group
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids (B, T) -> (B, T, d)
         import torch.distributed as dist
 
+        from npuflow.runtime.parallel import timed
+
         local = ids - self.start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        outside = (local < 0) | (local >= self.rows)
+        local = local.masked_fill(outside, 0)
+        out = nn.functional.embedding(local, self.weight) if hasattr(self, "weight") else self.local(local)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        dist.all_reduce(out, group=self.group)
+        timed(dist.all_reduce, out, group=self.group)
         return out
 
 
 class VocabParallelHead(nn.Module):
-    """lm_head split by vocabulary rows: each rank's (..., V/N) logits, all-gathered into (..., V)."""
+    """lm_head split by vocabulary rows: a float table (`weight`, (V/N, d)) or a quantized linear of those
+    rows (`local`, a QuantLinear: int8 per-row scales or int4 groups); each rank's (..., V/N) logits,
+    all-gathered into (..., V)."""
 
-    def __init__(self, weight: torch.Tensor, tp: int, group=None):
+    def __init__(self, rows: torch.Tensor | nn.Module, tp: int, group=None):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # (V / N, d)
+        kind, _ = _vocab_rows(rows)
+        if kind == "weight":
+            self.weight = nn.Parameter(rows, requires_grad=False)  # (V / N, d)
+        else:
+            self.local = rows
         self.tp, self.group = tp, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., d) -> (..., V)
         import torch.distributed as dist
 
-        part = nn.functional.linear(x, self.weight).contiguous()
+        from npuflow.runtime.parallel import timed
+
+        # (rows, d) with plain strides: the model hands in hidden_states[:, -1:] of a prompt, whose strides
+        # make F.linear copy the whole weight transposed (measured: +62 MiB a prefill for 16000 x 2048 bf16)
+        flat = x.reshape(-1, x.shape[-1])
+        part = nn.functional.linear(flat, self.weight) if hasattr(self, "weight") else self.local(flat)
         parts = [torch.empty_like(part) for _ in range(self.tp)]
-        dist.all_gather(parts, part, group=self.group)
-        return torch.cat(parts, dim=-1)
+        timed(dist.all_gather, parts, part.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1).reshape(*x.shape[:-1], -1)
 
 
-def _vocab_parallel_tables(model: nn.Module, raw: dict, place: Placement, dtype: torch.dtype, dev, group,
-                           tied: bool) -> None:
-    """Embedding and lm_head from this rank's vocabulary rows (place.vocab_parallel)."""
+def _vocab_parallel_tables(model: nn.Module, raw: dict, meta: dict, place: Placement, dtype: torch.dtype,
+                           backend: ModuleType, group, tied: bool) -> None:
+    """Embedding and lm_head from this rank's vocabulary rows (place.vocab_parallel), float or quantized."""
+    from npuflow.runtime.loader import W8Embedding
+
+    dev = backend.device()
     for name, path in (("model.embed_tokens.weight", "model.embed_tokens"), ("lm_head.weight", "lm_head")):
         if name not in raw:
             continue
-        w = raw.pop(name).to(dev, dtype)  # (V / N, d)
-        if path == "lm_head":
-            model.lm_head = VocabParallelHead(w, place.tp, group)
+        m = meta.get(name, {})
+        if not m.get("quantized"):
+            rows: torch.Tensor | nn.Module = raw.pop(name).to(dev, dtype)  # (V / N, d)
+        elif path == "lm_head":
+            rows = _quantized_module(None, path, raw, m, place, dtype, backend, group)
         else:
-            model.model.embed_tokens = VocabParallelEmbedding(w, place.tp_rank * w.shape[0], group)
-            if tied and place.last:  # lm_head shares these rows
+            if m["bits"] != 8:
+                raise NpuflowError(f"{path}: only 8-bit embeddings are supported; keep it in float (ignore)")
+            q = raw.pop(name)
+            rows = W8Embedding(q.shape[0], q.shape[1], None)
+            rows.weight, rows.weight_scale = q.to(dev), raw.pop(path + "." + SCALE).to(dev, dtype)
+        if path == "lm_head":
+            model.lm_head = VocabParallelHead(rows, place.tp, group)
+        else:
+            model.model.embed_tokens = VocabParallelEmbedding(rows, place.tp_rank * _vocab_rows(rows)[1], group)
+            if tied and place.last:  # lm_head shares these rows (float: quantized tied tables are read whole)
                 model.lm_head = VocabParallelHead(model.model.embed_tokens.weight, place.tp, group)
 
 

@@ -40,9 +40,13 @@ def one_thread(monkeypatch):
 @pytest.fixture(scope="module")
 def quantized(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
-    for name, scheme, group in (("w8a16", "w8a16", None), ("w4a16-g32", "w4a16", 32), ("w4a16-g128", "w4a16", 128)):
+    for name, scheme, group, ignore in (("w8a16", "w8a16", None, None), ("w4a16-g32", "w4a16", 32, None),
+                                        ("w4a16-g128", "w4a16", 128, None),
+                                        ("w8a16-int8-head", "w8a16", None, ("model.embed_tokens",)),
+                                        ("w8a16-int8-tables", "w8a16", None, ())):
         d = tmp_path_factory.mktemp(f"pp-{name}")
-        quantize_dir(tiny_model_dir, d, QuantizationConfig(scheme=scheme, group_size=group))
+        extra = {"ignore": ignore} if ignore is not None else {}
+        quantize_dir(tiny_model_dir, d, QuantizationConfig(scheme=scheme, group_size=group, **extra))
         out[name] = d
     return out
 
@@ -58,9 +62,10 @@ def test_rank_local_reads_equal_the_whole_model_sliced(quantized, name):
     for rank in range(2):
         whole = _tensors(shard_llama(load_quantized(d, cpu, torch.float32), rank, 2))
         local = _tensors(load_rank_local(d, cpu, torch.float32, Placement(tp_rank=rank, tp=2)))
+        local = {k.replace(".local.", "."): t for k, t in local.items()}  # a quantized table's rows: .local
         assert whole.keys() == local.keys()
         for k, t in whole.items():
-            if k in ("model.embed_tokens.weight", "lm_head.weight"):  # split by vocabulary rows here
+            if k.startswith(("model.embed_tokens.", "lm_head.")):  # split by vocabulary rows here
                 t = t[rank * 256 : (rank + 1) * 256]  # 512 rows over 2 ranks
             assert torch.equal(t, local[k]), k
     raw, _ = read_local(d, Placement(tp_rank=1, tp=2), tied=False)
@@ -68,6 +73,43 @@ def test_rank_local_reads_equal_the_whole_model_sliced(quantized, name):
     for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
         assert raw[k].numel() * 2 == full[k].numel()  # half of every decoder linear was read
     assert torch.equal(raw["model.layers.0.input_layernorm.weight"], full["model.layers.0.input_layernorm.weight"])
+
+
+@pytest.mark.parametrize("name", ["w8a16-int8-head", "w8a16-int8-tables"])
+def test_quantized_vocab_tables_are_split_by_vocabulary_rows(quantized, name):
+    """An int8 lm_head (and embedding) is read by vocabulary rows on each tp rank: qweight and per-row scale
+    rows [r*V/2, (r+1)*V/2) of the whole model's, inside the vocab-parallel head / embedding."""
+    from npuflow.runtime.loader import QuantLinear, W8Embedding
+    from npuflow.runtime.shard_load import VocabParallelEmbedding, VocabParallelHead
+
+    d = quantized[name]
+    whole = load_quantized(d, cpu, torch.float32)
+    assert isinstance(whole.lm_head, QuantLinear)
+    for rank in range(2):
+        local = load_rank_local(d, cpu, torch.float32, Placement(tp_rank=rank, tp=2))
+        rows = slice(rank * 256, (rank + 1) * 256)
+        head = local.lm_head
+        assert isinstance(head, VocabParallelHead) and isinstance(head.local, QuantLinear)
+        assert torch.equal(head.local.qweight, whole.lm_head.qweight[rows])
+        assert torch.equal(head.local.scale, whole.lm_head.scale[rows])
+        emb = local.model.embed_tokens
+        assert isinstance(emb, VocabParallelEmbedding) and emb.start == rank * 256
+        if name == "w8a16-int8-tables":
+            assert isinstance(emb.local, W8Embedding) and isinstance(whole.model.embed_tokens, W8Embedding)
+            assert torch.equal(emb.local.weight, whole.model.embed_tokens.weight[rows])
+            assert torch.equal(emb.local.weight_scale, whole.model.embed_tokens.weight_scale[rows])
+        else:
+            assert torch.equal(emb.weight, whole.model.embed_tokens.weight[rows])
+
+
+@pytest.mark.parametrize("name", ["w8a16-int8-head", "w8a16-int8-tables"])
+def test_quantized_vocab_tables_decode_like_one_device(quantized, name):
+    d = quantized[name]
+    prompts = torch.randint(3, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    single = generate(Engine(load_quantized(d, cpu, torch.float32), max_len=36, slots=2), prompts, 16).tolist()
+    got = launch_task("generate", d, "cpu", "float32", 2, 1, {"prompts": prompts.tolist(), "max_new_tokens": 16},
+                      timeout_s=240)
+    assert got["greedy_tokens"] == single
 
 
 def test_pipeline_stage_reads_only_its_layers(quantized):

@@ -3,6 +3,11 @@ read this rank's part of the weights (runtime/shard_load), measure every scenari
 lock-step; rank 0 writes the JSON. `launch` starts the ranks (what `npuflow benchmark --mode
 tensor-parallel|pipeline-parallel` and the benchmark stage call).
 
+Communication share of TPOT: during the timed runs each rank counts the time inside its collectives and
+point-to-point calls (runtime/parallel.COMM, `timed`) for every decode forward (one new token a row); per
+scenario, rank 0's comm_ms_per_step = that time / decode steps, comm_share_pct = that time / the decode
+steps' wall time (what TPOT is made of).
+
   torchrun --standalone --nproc-per-node N -m npuflow.bench.parallel MODEL_DIR cpu float32 CONFIG_JSON OUT
 """
 
@@ -21,6 +26,58 @@ import torch.distributed as dist
 from npuflow.core.config import BenchmarkConfig
 from npuflow.core.errors import ConfigError
 from npuflow.runtime.parallel import DIST_BACKENDS
+
+
+class CommLoop:
+    """The engine loop (bench/measure.EngineLoop) that also counts, per timed run, the time inside the
+    collectives of each decode forward (forward hooks on the model; prefill forwards are left out)."""
+
+    name = "engine"
+
+    def __init__(self, model, backend, warmup: int):
+        from npuflow.bench.measure import EngineLoop
+        from npuflow.runtime.parallel import COMM
+
+        self.inner, self.warmup, self.comm = EngineLoop(model, backend), warmup, COMM
+        self.first_run_s = self.inner.first_run_s
+        self.runs: dict[tuple[int, int, int], int] = {}  # (batch, input_len, output_len) -> calls so far
+        self.totals: dict[tuple[int, int, int], list[float]] = {}  # -> [comm s, decode s, decode steps]
+        self._decode: list[float] = []  # comm seconds of each decode forward of the current call
+        self._at = 0.0
+        if backend.NAME != "cpu":
+            COMM.sync = backend.synchronize  # asynchronous collectives: time the call itself
+        model.register_forward_pre_hook(self._before)
+        model.register_forward_hook(self._after)
+
+    def _before(self, module, args) -> None:
+        self._at = self.comm.seconds
+
+    def _after(self, module, args, output) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2 and args[0].shape[1] == 1:
+            self._decode.append(self.comm.seconds - self._at)
+
+    def __call__(self, prompt: torch.Tensor, output_len: int):
+        key = (prompt.shape[0], prompt.shape[1], output_len)
+        n = self.runs[key] = self.runs.get(key, -1) + 1
+        self._decode, self.comm.on = [], True
+        try:
+            ttft, steps, e2e, tokens = self.inner(prompt, output_len)
+        finally:
+            self.comm.on = False
+        decode_steps = output_len - 1  # the scheduler's decode steps of this run are the last forwards
+        if n >= self.warmup and decode_steps > 0 and steps:
+            t = self.totals.setdefault(key, [0.0, 0.0, 0])
+            t[0] += sum(self._decode[-decode_steps:])
+            t[1] += sum(steps) / 1e3 / prompt.shape[0]  # every row's interval of one step is that step's time
+            t[2] += decode_steps
+        return ttft, steps, e2e, tokens
+
+    def annotate(self, scenario: dict) -> dict:
+        """The scenario's result with comm_ms_per_step and comm_share_pct (None when nothing was timed)."""
+        t = self.totals.get((scenario["batch_size"], scenario["input_len"], scenario["output_len"]))
+        if not t or not t[2] or t[1] <= 0:
+            return scenario
+        return {**scenario, "comm_ms_per_step": 1e3 * t[0] / t[2], "comm_share_pct": 100.0 * t[0] / t[1]}
 
 
 def _worker(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig, out: Path) -> None:
@@ -46,7 +103,9 @@ def _worker(model_dir: Path, device: str, dtype: str, cfg: BenchmarkConfig, out:
             return bool(flag.item())
 
         world = cfg.tp * cfg.pp
-        result = measure_loaded(model, backend, cfg, agree=agree, mode=cfg.mode, devices=world)
+        loop = CommLoop(model, backend, cfg.warmup)
+        result = measure_loaded(model, backend, cfg, agree=agree, mode=cfg.mode, devices=world, loop=loop)
+        result["scenarios"] = [loop.annotate(s) for s in result["scenarios"]]
         mine = {"rank": layout.rank, "stage": layout.stage, "tp_rank": layout.tp_rank,
                 "rank_weight_bytes": model_bytes(model), "peak_rss_mb": peak_rss_mb(),
                 "peak_memory_mb": backend.peak_memory_mb()}

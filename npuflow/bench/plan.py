@@ -148,9 +148,10 @@ def _max_batch(devices: int, weights: float, kv_seq: float, dev: DeviceSpec) -> 
 
 
 def plan(model: str, device: str, precision: Precision = "fp16", context: int = 4096, batch: int = 1,
-         devices: int | None = None, mbu: tuple[float, float] | None = None) -> Plan:
-    """The plan for one model/device/precision; `devices` fixes N for the parallel modes."""
-    m, dev = model_shape(model), get_device(device)
+         devices: int | None = None, mbu: tuple[float, float] | None = None, spec: DeviceSpec | None = None) -> Plan:
+    """The plan for one model/device/precision; `devices` fixes N for the parallel modes; `spec`: the device's
+    figures as given (instead of looking `device` up)."""
+    m, dev = model_shape(model), spec or get_device(device)
     lo_eff, hi_eff = mbu or MBU_RANGE
     weights = weight_bytes(m, precision)
     kv_tok = kv_bytes_per_token(m)
@@ -207,12 +208,12 @@ def cheapest(model: str, device: str, tpot_target_ms: float, context: int = 4096
 
 
 def plan_layout(model: str, device: str, precision: Precision, tp: int = 1, pp: int = 1, context: int = 4096,
-                batch: int = 1) -> dict:
+                batch: int = 1, spec: DeviceSpec | None = None) -> dict:
     """Per-device memory of a tp x pp layout as npuflow's ranks load it (runtime/shard_load): each device
     holds 1/tp of its stage's decoder linears and KV heads and 1/pp of the layers; the embedding sits on the
     first stage and lm_head on the last, split by vocabulary rows over the tp ranks when tp divides the
-    vocabulary (else whole on each). `fits` within USABLE_FRACTION."""
-    m, dev = model_shape(model), get_device(device)
+    vocabulary (else whole on each). `fits` within USABLE_FRACTION. `spec`: as in plan."""
+    m, dev = model_shape(model), spec or get_device(device)
     if m.heads % tp or m.kv_heads % tp or m.ffn % tp or m.layers % pp:
         raise ConfigError(f"{m.name}: tp = {tp} must divide heads {m.heads}, kv heads {m.kv_heads} and ffn "
                           f"{m.ffn}; pp = {pp} must divide the {m.layers} layers")

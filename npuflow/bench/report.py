@@ -246,6 +246,8 @@ def _sections(report: BenchmarkReport, champion: dict[str, float] | None, champi
         [[_label(s), _f(s.decode_tokens_per_s), _f(s.throughput_tokens_per_s), _f(s.peak_memory_mb),
           _f(report.model_size_mb), _energy(s, report.energy)] for s in report.scenarios],
     ))
+    if report.ranks or any(s.comm_share_pct is not None for s in report.scenarios):
+        out += _parallel_sections(report)
     r = report.roofline
     notes = [f"Peaks: {r.get('device_spec', 'none')}: bandwidth {_f(r.get('bandwidth_gbs'))} GB/s, "
              f"{_f(r.get('fp16_tflops'))} TFLOP/s; source: {r.get('source', 'n/a')}.",
@@ -289,6 +291,48 @@ def _sections(report: BenchmarkReport, champion: dict[str, float] | None, champi
             [[d.metric, _f(d.candidate), _f(d.champion),
               "n/a" if d.delta_pct is None else f"{d.delta_pct:+.1f}", d.verdict] for d in deltas],
         ))
+    return out
+
+
+def _parallel_sections(report: BenchmarkReport) -> list[tuple[str, list[str], list[str], list[list[str]]]]:
+    """Per-rank memory (with the planner's per-device figures) and the communication share of TPOT (with the
+    planner's TPOT and communication) of a tensor- or pipeline-parallel run."""
+    m, plan = report.method, report.planned
+    layout = plan.get("layout", {})
+    out = []
+    if report.ranks:
+        weights_mb = [r.get("rank_weight_bytes", 0) / 1e6 for r in report.ranks]
+        paras = [f"Layout: tp = {m.get('tp', '?')} x pp = {m.get('pp', '?')} ranks, each reading only its part of "
+                 "the weights. Peak RSS: the rank process's resident peak (CPU: host memory); device peak: the "
+                 "backend's allocator peak."]
+        if layout:
+            paras.append(f"Planner (bench/plan.py plan_layout, {plan.get('precision')}): "
+                         f"{layout['per_device_weights_gb'] * 1e3:.4g} MB of weights and "
+                         f"{layout['per_device_kv_gb'] * 1e3:.4g} MB of KV cache on the heaviest device; measured "
+                         f"heaviest rank: {max(weights_mb):.4g} MB of weights.")
+        out.append(("Ranks: memory per rank", paras,
+                    ["rank", "stage", "tp rank", "weights MB", "planned weights MB", "peak RSS MB", "device peak MB"],
+                    [[str(r.get("rank")), str(r.get("stage", 0)), str(r.get("tp_rank", r.get("rank"))), _f(w),
+                      _f(layout["per_device_weights_gb"] * 1e3) if layout else "n/a", _f(r.get("peak_rss_mb")),
+                      _f(r.get("peak_memory_mb"))] for r, w in zip(report.ranks, weights_mb, strict=True)]))
+    rows = []
+    for s in report.scenarios:
+        if s.mode == "single":
+            continue
+        p = plan.get("scenarios", {}).get(s.name, {})
+        expected = p.get("tpot_ms_expected")
+        rows.append([_label(s), _f(s.tpot_ms["p50"]), _f(p.get("tpot_ms_bound")),
+                     f"{_f(expected[0])}-{_f(expected[1])}" if expected else "n/a", _f(s.comm_ms_per_step),
+                     _f(p.get("comm_ms")), "n/a" if s.comm_share_pct is None else f"{s.comm_share_pct:.1f}"])
+    paras = ["Communication: rank 0's time inside all_reduce / all_gather / send / recv / broadcast per decode "
+             "step of the timed runs (waiting for the slowest peer included; pipeline-parallel: the later stages' "
+             "work too), and its share of the decode step time. Planner: bench/plan.py plan() for this mode and "
+             "rank count (TPOT bound at peak bandwidth, expected at its MBU range, collective time)."]
+    if plan.get("note"):
+        paras.append(f"Planner note: {plan['note']}.")
+    out.append(("Communication share of TPOT, against the planner", paras,
+                ["scenario", "TPOT p50 ms", "planned TPOT bound ms", "planned TPOT ms", "comm ms/step",
+                 "planned comm ms", "comm % of TPOT"], rows))
     return out
 
 

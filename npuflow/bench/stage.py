@@ -38,8 +38,8 @@ from npuflow.core.store import Store
 from npuflow.runtime.backends import get_backend
 
 log = logging.getLogger("npuflow.benchmark")
-CODE_VERSION = "benchmark-6"  # 4: timed through the scheduler, as served; 5: batched prefill, serving scenario;
-# 6: the serving load greedy, one engine thread
+CODE_VERSION = "benchmark-7"  # 4: timed through the scheduler, as served; 5: batched prefill, serving scenario;
+# 6: the serving load greedy, one engine thread; 7: tp/pp: communication share, per-rank memory, planner figures
 ENERGY_SOURCES = {"cpu": "RAPL package counter", "cuda": "NVML total energy counter",
                   "npu": "npu-smi power sampling"}
 # device name fragment -> npuflow.bench.devices key; only names that pin the variant (an A100 40GB is not an
@@ -102,15 +102,55 @@ def build_report(results: list[dict], model_dir: Path, device: str, device_name:
                  shape, first["kv_bytes_per_element"]), "params": shape.params}
     by_mode = {r["mode"]: r for r in results}
     mode_result = by_mode.get(cfg.mode, first)
+    parallel = by_mode.get(cfg.mode) if cfg.mode != "single" else None
     report = BenchmarkReport(
         uri=uri, key=key, deployable_manifest_sha256=deployable_manifest_sha256, device=device,
         device_name=device_name, scenarios=scenarios, metrics={},
         peak_memory_mb=mode_result["peak_memory_mb"], model_size_mb=model_size_bytes / 1e6, energy=energy,
         roofline=peaks, method=method,
         greedy_tokens={r["mode"]: r["greedy_tokens"] for r in results},
+        ranks=parallel.get("ranks", []) if parallel else [],
+        planned=planned(model_dir, device, dev, cfg, [s for s in scenarios if s.mode == cfg.mode]) if parallel else {},
     )
     metrics = primary_metrics(primary(report), report.peak_memory_mb, report.model_size_mb)
     return report.model_copy(update={"metrics": metrics})
+
+
+PRECISIONS = {"w8a16": "w8a16", "w4a16": "w4a16", "w8a8": "w8a16", "w8a8-dynamic": "w8a16"}  # int8 weights alike
+
+
+def planned(model_dir: Path, device: str, dev: DeviceSpec | None, cfg: BenchmarkConfig,
+            scenarios: list[Scenario]) -> dict:
+    """bench/plan.py's predictions for the measured tp x pp layout: per-device memory (plan_layout) and, for a
+    pure tensor- or pipeline-parallel layout (the planner's modes), TPOT bound, expected range and communication
+    per scenario. CPU ranks share one memory system (bandwidth / ranks each) and have no link figure (no
+    communication prediction). {} when there are no device figures."""
+    from npuflow.bench.plan import plan, plan_layout
+
+    if dev is None:
+        return {}
+    qm = model_dir / "quant_manifest.json"
+    scheme = json.loads(qm.read_text()).get("scheme") if qm.is_file() else None
+    precision = PRECISIONS.get(scheme, "fp16") if scheme else "fp16"
+    world, shape = cfg.tp * cfg.pp, str(model_dir)
+    spec = dev.model_copy(update={"bandwidth_gbs": dev.bandwidth_gbs / world}) if device == "cpu" else dev
+    no_link = spec.link_gbs <= 0
+    if no_link:  # the planner divides by it; no communication figure is claimed
+        spec = spec.model_copy(update={"link_gbs": float("inf")})
+    first = scenarios[0] if scenarios else None
+    context = first.input_len + first.output_len if first else 4096
+    layout = plan_layout(shape, device, precision, cfg.tp, cfg.pp, context, first.batch_size if first else 1, spec)
+    out: dict = {"precision": precision, "device_spec": dev.name, "layout": layout, "scenarios": {},
+                 "note": ("CPU: the ranks share one memory system (bandwidth / ranks each); no link bandwidth "
+                          "figure, so no communication prediction") if device == "cpu" else ""}
+    if cfg.tp > 1 and cfg.pp > 1:
+        out["note"] = (out["note"] + "; " if out["note"] else "") + "the planner models tp or pp alone: no TPOT prediction"
+        return out
+    for s in scenarios:
+        p = plan(shape, device, precision, s.input_len + s.output_len, s.batch_size, world, spec=spec).modes[cfg.mode]
+        out["scenarios"][s.name] = {"tpot_ms_bound": p.tpot_ms_bound, "tpot_ms_expected": list(p.tpot_ms_expected),
+                                    "comm_ms": None if no_link else p.comm_ms}
+    return out
 
 
 def check_scenarios_fit(model_dir: Path, cfg: BenchmarkConfig) -> None:

@@ -157,6 +157,10 @@ class Scenario(BaseModel):
     energy_joules: float | None = None  # over the timed runs; None: no real counter
     energy_tokens_per_j: float | None = None  # generated tokens / energy_joules
     roofline: Roofline | None = None
+    # tensor-/pipeline-parallel: rank 0's time inside all_reduce / all_gather / send / recv / broadcast per decode
+    # step of the timed runs, and that time as % of the decode step time
+    comm_ms_per_step: float | None = None
+    comm_share_pct: float | None = None
 
 
 class BenchmarkReport(_Manifest):
@@ -175,6 +179,9 @@ class BenchmarkReport(_Manifest):
     report_files: list[str] = Field(default_factory=list)  # report.md, report.html, *.png beside it
     serving: list[dict[str, Any]] = Field(default_factory=list)  # the serving scenario: one entry per concurrency
     serving_method: dict[str, Any] = Field(default_factory=dict)  # its load tool, server command, lengths, SLOs
+    # tensor-/pipeline-parallel: each rank's rank, stage, tp_rank, rank_weight_bytes, peak_rss_mb, peak_memory_mb
+    ranks: list[dict[str, Any]] = Field(default_factory=list)
+    planned: dict[str, Any] = Field(default_factory=dict)  # bench/plan.py's predictions for the measured layout
 
 
 M = TypeVar("M", bound=_Manifest)

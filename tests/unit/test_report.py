@@ -320,3 +320,81 @@ def test_the_serving_scenario_is_in_the_report_the_plot_and_the_suffixed_metrics
     assert {"serve_itl_ms_p50.c16", "serve_itl_ms_p90.c16", "serve_tpot_ms_p99.c16",
             "serve_goodput_requests_per_s.c1", "serve_requests_per_s.c1", "serve_failed.c1"} <= set(m)
     assert not any(k.startswith("serve_") for k in scenario_metrics(report))  # no serving scenario, no names
+
+
+# ---------------------------------------------------------------------------------------------- tp / pp runs
+
+
+def _parallel_result(mode: str, tp: int, pp: int) -> dict:
+    """What npuflow.bench.parallel.launch returns (rank 0's JSON), with made-up timings."""
+    s = _scenario(1, 64, 32, 8.0, mode=mode, devices=tp * pp).model_dump(exclude={"roofline"})
+    return {"mode": mode, "devices": tp * pp, "tp": tp, "pp": pp, "runtime": "npuflow-eager", "first_run_s": {},
+            "scenarios": [s | {"comm_ms_per_step": 2.0, "comm_share_pct": 25.0}], "peak_memory_mb": 900.0,
+            "weight_bytes": 7e9, "rank_weight_bytes": 3.6e9, "kv_bytes_per_element": 2,
+            "greedy_tokens": [[1, 2, 3]], "energy_note": RAPL_NOTE,
+            "ranks": [{"rank": r, "stage": r // tp, "tp_rank": r % tp, "rank_weight_bytes": 3.6e9 - r,
+                       "peak_rss_mb": 1000.0 + r, "peak_memory_mb": 500.0 + r} for r in range(tp * pp)]}
+
+
+def _llama_7b_dir(tmp_path: Path) -> Path:
+    import json
+
+    m = MODELS["llama-2-7b"]
+    (tmp_path / "config.json").write_text(json.dumps({
+        "num_hidden_layers": m.layers, "hidden_size": m.hidden, "num_attention_heads": m.heads,
+        "num_key_value_heads": m.kv_heads, "intermediate_size": m.ffn, "vocab_size": m.vocab,
+        "_name_or_path": "llama-2-7b"}))
+    (tmp_path / "quant_manifest.json").write_text(json.dumps({"scheme": "w8a16", "format": "native", "tensors": {}}))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("mode", "tp", "pp"), [("tensor-parallel", 2, 1), ("pipeline-parallel", 1, 2)])
+def test_a_parallel_report_has_comm_share_per_rank_memory_and_the_planner_beside_them(tmp_path, mode, tp, pp):
+    from npuflow.bench.devices import DEVICES
+    from npuflow.bench.plan import plan, plan_layout
+    from npuflow.bench.stage import build_report
+    from npuflow.core.config import BenchmarkConfig
+
+    d, dev = _llama_7b_dir(tmp_path), DEVICES["ascend-910b2"]
+    cfg = BenchmarkConfig(batch_size=1, input_len=64, output_len=32, mode=mode, tp=tp, pp=pp)
+    rep = build_report([_parallel_result(mode, tp, pp)], d, "npu", "Ascend910B2", cfg, 7_000_000_000,
+                       uri="file:///x", key="k", spec=(dev, ""))
+    (s,) = rep.scenarios
+    assert (s.comm_ms_per_step, s.comm_share_pct) == (2.0, 25.0)
+    assert [r["peak_rss_mb"] for r in rep.ranks] == [1000.0, 1001.0]
+    want = plan(str(d), "npu", "w8a16", 96, 1, 2, spec=dev).modes[mode]
+    got = rep.planned["scenarios"]["bs1_in64_out32"]
+    assert got["tpot_ms_bound"] == pytest.approx(want.tpot_ms_bound) and got["comm_ms"] == pytest.approx(want.comm_ms)
+    assert want.comm_ms > 0
+    layout = plan_layout(str(d), "npu", "w8a16", tp, pp, 96, 1, spec=dev)
+    assert rep.planned["layout"] == layout and rep.planned["precision"] == "w8a16"
+    md = (render(rep, tmp_path / "out")[0]).read_text()
+    weights = f"{layout['per_device_weights_gb'] * 1e3:.4g}"
+    assert f"| 0 | 0 | 0 | 3600 | {weights} | 1000 | 500 |" in md
+    assert f"| {r'1 | 1 | 0' if pp == 2 else r'1 | 0 | 1'} | 3600 | {weights} | 1001 | 501 |" in md
+    label = f"TP={tp * pp} bs1_in64_out32"
+    row = (f"| {label} | 8 | {want.tpot_ms_bound:.4g} | {want.tpot_ms_expected[0]:.4g}-"
+           f"{want.tpot_ms_expected[1]:.4g} | 2 | {want.comm_ms:.4g} | 25.0 |")
+    assert row in md, md
+
+
+def test_on_a_cpu_the_planner_shares_the_bandwidth_and_claims_no_communication(tmp_path):
+    from npuflow.bench.devices import DeviceSpec
+    from npuflow.bench.plan import plan
+    from npuflow.bench.stage import build_report
+    from npuflow.core.config import BenchmarkConfig
+
+    cpu = DeviceSpec(name="CPU x2", hbm_gb=64.0, bandwidth_gbs=20.0, fp16_tflops=0.0, int8_tops=0.0, link_gbs=0.0,
+                     link_latency_us=0.0, source="measured")
+    d = _llama_7b_dir(tmp_path)
+    cfg = BenchmarkConfig(batch_size=1, input_len=64, output_len=32, mode="tensor-parallel", tp=2)
+    rep = build_report([_parallel_result("tensor-parallel", 2, 1)], d, "cpu", "Test CPU", cfg, 7_000_000_000,
+                       uri="file:///x", key="k", spec=(cpu, ""))
+    got = rep.planned["scenarios"]["bs1_in64_out32"]
+    half = cpu.model_copy(update={"bandwidth_gbs": 10.0, "link_gbs": float("inf")})
+    assert got["comm_ms"] is None
+    assert got["tpot_ms_bound"] == pytest.approx(plan(str(d), "cpu", "w8a16", 96, 1, 2, spec=half)
+                                                 .modes["tensor-parallel"].tpot_ms_bound)
+    md = (render(rep, tmp_path / "out")[0]).read_text()
+    assert "no link bandwidth figure, so no communication prediction" in md
+    assert "| 2 | n/a | 25.0 |" in md  # measured comm, no planned figure, the share

@@ -183,3 +183,35 @@ def test_s3_store_and_s3_source_put_every_artifact_in_the_bucket(
     assert c.get_model_version("tiny-llama", champion.version).source.startswith(
         "s3://npuflow/team-a/models/tiny-llama/quantized/")
     assert {"MLmodel", "manifest.json", "model.safetensors", "quant_manifest.json"} <= {p.name for p in local.iterdir()}
+
+
+def test_release_runs_end_to_end_with_convert_and_benchmark_on_two_tensor_parallel_ranks(
+    prefect_harness, npuflow_home, tiny_source, monkeypatch
+):
+    """benchmark mode tensor-parallel, tp 2 (and convert's smoke test on tp 2): real Prefect, MLflow sqlite,
+    torchrun ranks (gloo); the registered benchmark is the ranks' one, with per-rank memory and the
+    communication share of TPOT."""
+    from npuflow.flows.release import release
+
+    from npuflow.core.artifacts import BenchmarkReport
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the two ranks share the 2 cores
+    cfg = make_config(tiny_source.as_uri(), convert={"tp": 2},
+                      benchmark={"mode": "tensor-parallel", "tp": 2, "warmup": 1, "iterations": 2})
+    result = release(cfg)
+    assert result.registered_new_version and result.decision == "promote" and result.gates_passed
+    assert REQUIRED_METRICS <= set(result.metrics)
+    c = mlflow_client()
+    champion = registry.by_alias(c, "tiny-llama", Alias.CHAMPION)
+    assert champion is not None and champion.version == result.version
+    metrics = registry.run_metrics(c, champion)
+    assert metrics["tpot_ms_p50"] == result.metrics["tpot_ms_p50"] > 0
+    store = Path(Settings().resolved_store_uri.removeprefix("file://"))
+    (manifest,) = store.glob("models/tiny-llama/benchmark/*/manifest.json")
+    report = BenchmarkReport.model_validate({**json.loads(manifest.read_text()), "uri": manifest.parent.as_uri()})
+    assert report.method["mode"] == "tensor-parallel" and report.method["tp"] == 2
+    assert [s.mode for s in report.scenarios] == ["tensor-parallel"]
+    assert [r["tp_rank"] for r in report.ranks] == [0, 1] and all(r["peak_rss_mb"] > 0 for r in report.ranks)
+    (s,) = report.scenarios
+    assert s.comm_ms_per_step is not None and 0 < s.comm_share_pct < 100
+    assert "Communication share of TPOT" in (manifest.parent / "report.md").read_text()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from npuflow.core.config import QuantizationConfig
+from npuflow.core.config import WEIGHT_ONLY, QuantizationConfig
 from npuflow.core.text import make_windows
 from npuflow.demo.tinymodel import build_tiny_llama, eval_text
 from npuflow.eval.quality import compare
@@ -45,18 +45,23 @@ def main() -> None:
         tok.model_max_length = 1 << 62
         windows = make_windows(tok(eval_text())["input_ids"], 128, a.max_tokens)
         ref = load_reference(src, torch.device("cpu"))
-        print(f"{'scheme':12} {'group':>5} {'method':6} {'alpha':>5} {'ppl ref':>9} {'ppl cand':>9} {'delta %':>9} {'top-1':>7} "
+        print(f"{'scheme':12} {'group':>5} {'method':6} {'alpha':>5} {'lm_head':>7} {'ppl ref':>9} {'ppl cand':>9} {'delta %':>9} {'top-1':>7} "
               f"{'KL':>9} {'seconds':>8}")
-        for scheme, group, method, alpha in runs:
-            out = work / f"{scheme}-{group}-{method}-{alpha}"
+        heads = [(*r, head) for r in runs for head in (("quant", "float") if r[0] in WEIGHT_ONLY else ("float",))]
+        for scheme, group, method, alpha, head in heads:
+            out = work / f"{scheme}-{group}-{method}-{alpha}-{head}"
             out.mkdir()
             t = time.perf_counter()
+            # the native format's default quantizes lm_head for the weight-only schemes (int8 per channel)
+            ignore = {"ignore": ("model.embed_tokens", "lm_head")} if head == "float" else {}
             quantize_model(src, out, QuantizationConfig(scheme=scheme, group_size=group, method=method,
-                                                        sensitivity=False, smoothquant_alpha=alpha))
+                                                        sensitivity=False, smoothquant_alpha=alpha, **ignore))
             secs = time.perf_counter() - t
-            m = compare(ref, load_quantized(out, cpu, torch.float32), windows, 8, torch.device("cpu"))
+            model = load_quantized(out, cpu, torch.float32)
+            bits = f"int{model.lm_head.bits}" if head == "quant" else "float"
+            m = compare(ref, model, windows, 8, torch.device("cpu"))
             smooth = "-" if alpha is None else f"{alpha:g}"
-            print(f"{scheme:12} {group or '-':>5} {method:6} {smooth:>5} {m['ppl_reference']:9.5f} {m['ppl_candidate']:9.5f} "
+            print(f"{scheme:12} {group or '-':>5} {method:6} {smooth:>5} {bits:>7} {m['ppl_reference']:9.5f} {m['ppl_candidate']:9.5f} "
                   f"{m['ppl_delta_pct']:+9.4f} {m['top1_agreement']:7.4f} {m['kl_divergence']:9.2e} {secs:8.1f}")
 
 

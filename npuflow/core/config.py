@@ -70,6 +70,9 @@ class CalibrationConfig(_Frozen):
     _text_scheme = field_validator("text")(lambda v: _text_uri(v, "calibration text"))
 
 
+WEIGHT_ONLY = ("w8a16", "w4a16")
+
+
 class QuantizationConfig(_Frozen):
     """Quantization of the linear layers: weight-only (w8a16, w4a16) or weights and activations (w8a8*)."""
 
@@ -79,7 +82,10 @@ class QuantizationConfig(_Frozen):
     group_size: Literal[32, 64, 128] | None = None  # w4a16 only: input channels per scale (default 128)
     method: Literal["rtn", "gptq"] = "rtn"  # round-to-nearest, or GPTQ (calibrated, arXiv:2210.17323)
     calibration: CalibrationConfig = CalibrationConfig()  # used by gptq, sensitivity and fallback auto
-    ignore: tuple[str, ...] = ("model.embed_tokens", "lm_head")  # fnmatch patterns kept in float
+    # fnmatch patterns kept in float. Default: the embedding only for the native format's weight-only schemes
+    # (lm_head int8 per output channel: half the bytes a CPU decode step reads, ~30% of its time on the 220M
+    # Llama; measured in benchmarks/cpu_runtime.py), embedding and lm_head elsewhere (what the engines load)
+    ignore: tuple[str, ...] = ("model.embed_tokens", "lm_head")
     # write sensitivity.json: each quantized linear's output error on calibration data (a forward pass of
     # the calibration text, layer by layer); off unless asked, on by default with fallback auto (it needs it)
     sensitivity: bool = False
@@ -91,9 +97,14 @@ class QuantizationConfig(_Frozen):
 
     @model_validator(mode="before")
     @classmethod
-    def _fallback_measures(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("fallback") == "auto" and "sensitivity" not in data:
-            return {**data, "sensitivity": True}  # fallback auto ranks the layers by their sensitivity
+    def _defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("fallback") == "auto" and "sensitivity" not in data:
+            data = {**data, "sensitivity": True}  # fallback auto ranks the layers by their sensitivity
+        if "ignore" not in data and data.get("format", "native") == "native" and \
+                data.get("scheme", "w8a16") in WEIGHT_ONLY:
+            data = {**data, "ignore": ("model.embed_tokens",)}  # lm_head quantized (int8: quant.schemes.for_tensor)
         return data
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ from npuflow.core.errors import NpuflowError
 from npuflow.formats import QuantizedWeight
 from npuflow.quant.checkpoint import INDEX, check_llama, is_target, shard_names
 from npuflow.quant.primitives import group_params_asym, quantize_per_channel_int8, quantize_with_params
+from npuflow.quant.schemes import for_tensor
 
 log = logging.getLogger("npuflow.gptq")
 
@@ -404,8 +405,8 @@ def gptq_quantize(
         with torch.no_grad():
             xn = norm(x).reshape(-1, config.hidden_size).double()  # (S*T, d)
         h = (xn.T @ xn) * (2.0 / xn.shape[0])
-        qw, stats[HEAD] = _quantize_linear(head, HEAD, h, handler, damp, block_size, act_order)
-        _save(workdir / "lm_head.safetensors", {HEAD: qw}, handler.bits, handler.group_size)
+        qw, stats[HEAD] = _quantize_linear(head, HEAD, h, hh := for_tensor(handler, HEAD), damp, block_size, act_order)
+        _save(workdir / "lm_head.safetensors", {HEAD: qw}, hh.bits, hh.group_size)  # int8 in a 4-bit model too
         files[HEAD] = "lm_head.safetensors"
         log.info("lm_head: output error gptq %.3e vs rtn %.3e", stats[HEAD]["gptq_err"], stats[HEAD]["rtn_err"])
 

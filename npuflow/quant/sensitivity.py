@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from npuflow.quant.checkpoint import calibrated_by, check_calibration, is_target, load_tokenizer
-from npuflow.quant.gptq import INPUT_GROUPS, _prepare
+from npuflow.quant.gptq import HEAD, INPUT_GROUPS, NORM, _prepare
+from npuflow.quant.schemes import for_tensor
 
 log = logging.getLogger("npuflow.quantize")
 
@@ -73,7 +74,7 @@ def rtn_sensitivity(model_dir: Path, handler, ignore: tuple[str, ...], windows: 
     from tqdm import tqdm
 
     model_dir, device = Path(model_dir), torch.device(device)
-    config, ckpt, (decoder_cls, _), x, layers = _prepare(model_dir, handler, ignore, windows, device)
+    config, ckpt, (decoder_cls, norm_cls), x, layers = _prepare(model_dir, handler, ignore, windows, device)
     errors: dict[str, float] = {}
     for i in tqdm(range(config.num_hidden_layers), desc="sensitivity", unit="layer", disable=None):
         layer = ckpt.layer(decoder_cls, config, i).to(device, torch.float32)
@@ -89,7 +90,25 @@ def rtn_sensitivity(model_dir: Path, handler, ignore: tuple[str, ...], windows: 
         errors |= {f"model.layers.{i}.{m}.weight": float(e / o.clamp(min=1e-300)) for m, (e, o) in sums.items()}
         del layer, handles
         log.info("sensitivity: layer %d/%d measured (%d linears)", i + 1, config.num_hidden_layers, len(targets))
+    if HEAD in ckpt.where and is_target(HEAD, ignore):  # its input: the final norm of the last hidden state
+        errors[HEAD] = _head_error(ckpt, config, norm_cls, x, for_tensor(handler, HEAD), device)
     return errors
+
+
+def _head_error(ckpt, config, norm_cls, x: torch.Tensor, handler, device: torch.device) -> float:
+    """The lm_head's relative output error, as a decoder linear's, one window at a time (logits are V wide)."""
+    t = ckpt.read([NORM, HEAD])
+    norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps).to(device)
+    norm.weight.data = t[NORM].to(device, torch.float32)
+    head = torch.nn.Linear(config.hidden_size, t[HEAD].shape[0], bias=False, device="meta")
+    head.weight = torch.nn.Parameter(t[HEAD].to(device, torch.float32), requires_grad=False)
+    acc = torch.zeros(2, dtype=torch.float64, device=device)
+    hook = _error_hook(head, handler, acc)
+    with torch.no_grad():
+        for window in x:  # (T, d)
+            xn = norm(window)
+            hook(head, (xn,), head(xn))
+    return float(acc[0] / acc[1].clamp(min=1e-300))
 
 
 def _error_hook(lin: torch.nn.Linear, handler, acc: torch.Tensor):

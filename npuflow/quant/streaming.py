@@ -25,7 +25,7 @@ from npuflow.quant.checkpoint import (
     is_target,
     shard_names,
 )
-from npuflow.quant.schemes import get_handler
+from npuflow.quant.schemes import for_tensor, get_handler
 
 log = logging.getLogger("npuflow.quantize")
 
@@ -87,8 +87,9 @@ def quantize_dir(
                         f"{shapes[suffix]}: the shards do not belong to this config"
                     )
                 if is_target(name, ignore):
-                    handler.check(name, t)
-                    qw = (lookup(name) if lookup else None) or handler.quantize(t)
+                    h = for_tensor(handler, name)
+                    h.check(name, t)
+                    qw = (lookup(name) if lookup else None) or h.quantize(t)
                     if not torch.isfinite(qw.scale).all():  # amax/amin propagate NaN and Inf
                         raise NpuflowError(_corrupt(name, shard))
                     out[name] = qw

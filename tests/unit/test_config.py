@@ -49,7 +49,7 @@ def test_shipped_config_loads(path: Path) -> None:
 def test_demo_config_values() -> None:
     cfg = load_config(CONFIG_DIR / "tiny-llama-cpu.yaml")
     assert cfg.source.generate == "tiny-llama"
-    assert cfg.quantization.ignore == ("model.embed_tokens", "lm_head")
+    assert cfg.quantization.ignore == ("model.embed_tokens",)  # lm_head int8: the native default
     assert cfg.validation.gates.top1_agreement_min == 0.95
     assert cfg.benchmark.min_seconds == 0.0  # default filled in
 
@@ -213,7 +213,7 @@ def test_flatten_gives_dotted_string_keys() -> None:
     assert flat["convert.device"] == "cpu"
     assert flat["validation.gates.top1_agreement_min"] == "0.95"
     assert flat["benchmark.warmup"] == "2" and flat["benchmark.output_len"] == "None"  # scenarios listed
-    assert flat["quantization.ignore"] == "model.embed_tokens,lm_head"
+    assert flat["quantization.ignore"] == "model.embed_tokens"
     assert all(isinstance(v, str) for v in flat.values())
     assert not any(isinstance(v, dict) for v in flat.values())
     # every leaf of the config is there, and only leaves

@@ -186,7 +186,8 @@ def test_quantize_dir_writes_the_gptq_weights(tmp_path: Path, tiny_model_dir: Pa
         got = written[name]
         assert isinstance(got, QuantizedWeight) and torch.equal(got.qweight, qw.qweight), name
         assert torch.equal(got.scale, qw.scale) and torch.equal(got.zero, qw.zero), name
-    assert not isinstance(written["lm_head.weight"], QuantizedWeight)  # ignored: kept float
+    head = written["lm_head.weight"]  # not in the GPTQ result (IGNORE): rounded, at 8 bits in a 4-bit model
+    assert isinstance(head, QuantizedWeight) and head.bits == 8 and head.group_size is None
 
 
 def test_result_reopens_lazily_from_workdir(tmp_path: Path, w4_result: GPTQResult) -> None:

@@ -75,15 +75,16 @@ def test_quantize_dir_default(tiny_random_llama_dir: Path, quantized_llama_dir: 
     src, out = _tensors(tiny_random_llama_dir), _tensors(quantized_llama_dir)
     linears = [n for n in src if _is_linear(n)]
     assert len(linears) == N_LINEAR
+    linears.append("lm_head.weight")  # the native format's default quantizes it too (int8 per channel)
     for name in linears:
         q, scale = out[name], out[name.removesuffix("weight") + "weight_scale"]
         assert q.dtype == torch.int8 and q.shape == src[name].shape, name
         assert scale.shape == (src[name].shape[0],) and scale.dtype == torch.float32, name
         err = (dequantize_per_channel_int8(q, scale) - src[name]).abs().amax(dim=1)
         assert torch.all(err <= scale / 2 * (1 + 1e-5)), name
-    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+    for name in ("model.embed_tokens.weight", "model.norm.weight"):
         assert out[name].dtype == torch.float32 and torch.equal(out[name], src[name]), name
-    assert "lm_head.weight_scale" not in out and "model.embed_tokens.weight_scale" not in out
+    assert "model.embed_tokens.weight_scale" not in out
     # nothing else changed or went missing; only scales were added
     assert set(out) == set(src) | {n.removesuffix("weight") + "weight_scale" for n in linears}
     assert (quantized_llama_dir / "config.json").read_bytes() == (tiny_random_llama_dir / "config.json").read_bytes()
@@ -97,7 +98,7 @@ def test_quant_manifest(quantized_llama_dir: Path) -> None:
     qm = json.loads((quantized_llama_dir / "quant_manifest.json").read_text())
     assert qm["scheme"] == "w8a16" and qm["format"] == "native" and qm["bits"] == 8
     assert qm["group_size"] is None  # one scale per output channel
-    assert qm["ignore"] == ["model.embed_tokens", "lm_head"]
+    assert qm["ignore"] == ["model.embed_tokens"]  # native weight-only default: lm_head quantized
     assert set(qm["files"]) == {"model.safetensors"}
     for name, sha in qm["files"].items():
         assert hashlib.sha256((quantized_llama_dir / name).read_bytes()).hexdigest() == sha
@@ -105,7 +106,7 @@ def test_quant_manifest(quantized_llama_dir: Path) -> None:
     # the manifest lists the model's logical tensors (scales are the format's business)
     assert set(qm["tensors"]) == {n for n in out if not n.endswith("weight_scale")}
     for name, t in qm["tensors"].items():
-        assert t["quantized"] == _is_linear(name), name
+        assert t["quantized"] == (_is_linear(name) or name == "lm_head.weight"), name
         assert t["shape"] == list(out[name].shape) and t["dtype"] == str(out[name].dtype).removeprefix("torch.")
         if t["quantized"]:
             assert t["bits"] == 8 and t["group_size"] is None and t["source_dtype"] == "float32"
@@ -142,7 +143,7 @@ def test_sharded_checkpoint(tiny_random_llama_sharded_dir: Path, tiny_random_lla
         with safe_open(out_dir / shard, framework="pt") as f:
             held |= dict.fromkeys(f.keys(), shard)
     assert index["weight_map"] == held
-    assert sum(n.endswith("weight_scale") for n in held) == N_LINEAR
+    assert sum(n.endswith("weight_scale") for n in held) == N_LINEAR + 1  # + lm_head
     # same tensors as the single-file quantization of the same weights
     single = _quantize(tiny_random_llama_dir, tmp_path / "single")
     assert qm["tensors"] == single["tensors"]

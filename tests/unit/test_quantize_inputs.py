@@ -185,7 +185,7 @@ def test_fetch_names_a_truncated_shard(tmp_path: Path) -> None:
 def test_sensitivity_measured_directly_equals_the_hessian_formula(tmp_path: Path, real_text: str) -> None:
     """The streamed measure sum ||X (W - W_q)^T||^2 / sum ||X W^T||^2 is GPTQ's tr(D H D^T) / tr(W H W^T)."""
     from npuflow.quant.gptq import INPUT_GROUPS, _hessians, _prepare, output_error
-    from npuflow.quant.schemes import get_handler
+    from npuflow.quant.schemes import for_tensor, get_handler
     from npuflow.quant.sensitivity import calibration_inputs, rtn_sensitivity
 
     src = _checkpoint(tmp_path / "m")
@@ -202,7 +202,16 @@ def test_sensitivity_measured_directly_equals_the_hessian_formula(tmp_path: Path
                 expected = output_error(w, handler.quantize(w).dequantize(), hs[grp[0]])
                 assert streamed[f"model.layers.{i}.{m}.weight"] == pytest.approx(expected, rel=1e-5)
         layers.run(layer, x, keep=True)
-    assert len(streamed) == 7 * config.num_hidden_layers
+    # the lm_head (int8 in this 4-bit model) on the final norm of the last hidden state
+    t = ckpt.read(["model.norm.weight", "lm_head.weight"])
+    xn = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps) * t["model.norm.weight"]).reshape(
+        -1, config.hidden_size).double()
+    w = t["lm_head.weight"].float()
+    q = for_tensor(handler, "lm_head.weight").quantize(w)
+    assert q.bits == 8
+    expected = output_error(w, q.dequantize(), (xn.T @ xn) * (2.0 / xn.shape[0]))
+    assert streamed["lm_head.weight"] == pytest.approx(expected, rel=1e-4)
+    assert len(streamed) == 7 * config.num_hidden_layers + 1
 
 
 # ---- the command users run -------------------------------------------------------------------------
@@ -259,4 +268,4 @@ def test_the_pipeline_stage_refuses_before_materializing(tmp_path: Path, real_te
                  ValidationConfig(eval_text="builtin:tiny-corpus"))
     assert not list((tmp_path / "store").rglob("quantized"))  # nothing was published
     plain = quantize(model, QuantizationConfig(), store, cache)  # RTN: no tokenizer, no text
-    assert plain.scheme == "w8a16" and plain.quantized_tensors == 14
+    assert plain.scheme == "w8a16" and plain.quantized_tensors == 15  # 14 decoder linears + lm_head

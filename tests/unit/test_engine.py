@@ -192,3 +192,63 @@ def test_single_query_attention_op_equals_sdpa_on_a_slice_of_the_cache(rows: int
     want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                              attn_mask=mask, scale=0.25).transpose(1, 2)
     assert torch.allclose(single_query_attention(q, k, v, mask, 0.25), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [2, 4])  # 4 = every slot (contiguous blocks: one bmm each), 2: a slot range
+def test_single_query_attention_on_cache_blocks_equals_sdpa(rows: int) -> None:
+    from npuflow.runtime.engine import KV_BUCKET, dense_blocks, single_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(3, 4, 2, KV_BUCKET, 16, generator=g) for _ in range(2))  # (nb, slots, kvh, BLOCK, D)
+    k, v = keys[:, :rows], values[:, :rows]  # what SlotCache.update hands over for slots 0..rows-1
+    assert k.is_contiguous() == (rows == 4)
+    q = torch.randn(rows, 6, 1, 16, generator=g)  # 6 query heads over 2 kv heads
+    length = 3 * KV_BUCKET
+    mask = torch.arange(length)[None, None, None, :] <= torch.tensor([300, 5, 383, 130])[:rows, None, None, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, dense_blocks(k).repeat_interleave(3, 1), dense_blocks(v).repeat_interleave(3, 1), attn_mask=mask,
+        scale=0.25).transpose(1, 2)
+    assert torch.allclose(single_query_attention(q, k, v, mask, 0.25), want, atol=1e-5)
+
+
+def test_compiled_engines_of_two_models_each_run_their_own_graphs(demo_w8a16: Path, tiny_model_dir: Path,
+                                                                    tmp_path: Path, prompt) -> None:
+    """Guards on the model's modules are dropped (decode overhead); graphs are kept per engine instead, so a
+    second model of the same shapes (here W4A16: other modules, other kernels) never runs the first one's."""
+    w4 = tmp_path / "w4a16"
+    w4.mkdir()
+    quantize_dir(tiny_model_dir, w4, QuantizationConfig(scheme="w4a16", group_size=32))
+    models = [load_quantized(d, cpu, torch.bfloat16) for d in (demo_w8a16, w4)]
+    eager = [generate(Engine(m, max_len=128), prompt, 16) for m in models]
+    engines = [Engine(m, max_len=128, compile=True) for m in models]
+    for _ in range(2):  # interleaved, as a champion and a challenger are served from one process
+        assert [torch.equal(generate(e, prompt, 16), want) for e, want in zip(engines, eager, strict=True)] == [True, True]
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16", "w8a8-dynamic"])
+def test_fused_projections_compute_what_the_separate_ones_do(tiny_model_dir: Path, tmp_path: Path, prompt,
+                                                            scheme: str) -> None:
+    """bf16 CPU models get q/k/v and gate/up as one linear each: the logits of a prefill and a decode step equal
+    those of the separate projections (float32 accumulation differs only in rounding)."""
+    from npuflow.runtime.loader import QuantLinear
+
+    out = tmp_path / scheme
+    out.mkdir()
+    cfg = {"w4a16": {"group_size": 32}, "w8a8-dynamic": {"ignore": ("model.embed_tokens", "lm_head")}}.get(scheme, {})
+    quantize_dir(tiny_model_dir, out, QuantizationConfig(scheme=scheme, **cfg))
+    fused = load_quantized(out, cpu, torch.bfloat16)
+    layer = fused.model.layers[0]
+    assert type(layer.self_attn) is cpu.FusedQKVAttention and type(layer.mlp) is cpu.FusedGateUpMLP
+    assert not hasattr(layer.self_attn, "q_proj") and layer.self_attn.qkv_sizes == [128, 64, 64]
+    original = cpu.fuse_projections
+    try:
+        cpu.fuse_projections = lambda model: 0
+        separate = load_quantized(out, cpu, torch.bfloat16)
+    finally:
+        cpu.fuse_projections = original
+    assert isinstance(separate.model.layers[0].self_attn.q_proj, (QuantLinear, cpu.Int4PackedLinear))
+    assert torch.equal(generate(Engine(fused, max_len=128), prompt, 12), generate(Engine(separate, max_len=128),
+                                                                                    prompt, 12))
+    with torch.inference_mode():
+        la, lb = fused(prompt).logits.float(), separate(prompt).logits.float()
+    assert (la - lb).abs().max() <= 0.02 * lb.abs().max()

@@ -56,7 +56,8 @@ def test_load_quantized_tracks_the_float_model(quantized_llama_dir: Path, refere
     attn = model.model.layers[0].self_attn
     assert isinstance(attn.q_proj, QuantLinear) and attn.q_proj.qweight.dtype == torch.int8
     assert isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
-    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32  # ignored: float
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8  # the native default: int8
+    assert type(model.model.embed_tokens) is nn.Embedding  # ignored: float
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])  # everything materialised
     assert not model.training
     _assert_close_to_reference(_logits(model, input_ids), reference_logits)
@@ -89,7 +90,7 @@ def test_load_quantized_bf16_decode_step(quantized_llama_dir: Path, input_ids) -
     ids = input_ids[:1, :1]  # (1, 1): a decode-sized step
     fp32 = _logits(load_quantized(quantized_llama_dir, cpu, torch.float32), ids)
     model = load_quantized(quantized_llama_dir, cpu, torch.bfloat16)
-    assert model.model.layers[0].self_attn.q_proj.scale.dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.qkv.scale.dtype == torch.bfloat16  # q/k/v fused (cpu.prepare)
     bf16 = _logits(model, ids)
     assert (bf16 - fp32).abs().max().item() <= 0.05 * fp32.abs().max().item()
 

@@ -28,8 +28,11 @@ pytestmark = pytest.mark.integration
 # Within 1e-4 relative; the two metrics that are differences of near-equal numbers (ppl delta of ~0.001 %, KL of
 # ~1e-6 nats here) also within these absolute bounds: the ranks sum row-parallel partial products in another
 # order (float32 rounding, ~1e-8 relative on the perplexities), which a difference amplifies (measured 1.4e-3
-# relative on a ppl delta of -0.001 %).
-ABS = {"ppl_delta_pct": 1e-5, "kl_divergence": 1e-8}
+# relative on a ppl delta of -0.001 %). The ppl delta's bound, 1e-4 percentage points, is the two perplexity
+# ratios within 1e-6 of each other (the 1e-4 relative on the metrics is 1e-2 points): with the int8
+# lm_head (the native default) the head's matmul is split by vocabulary rows and BLAS rounds the halves
+# differently, measured 6.5e-5 and 1.1e-5 points apart, 6.5e-7 relative on the perplexity.
+ABS = {"ppl_delta_pct": 1e-4, "kl_divergence": 1e-8}
 
 
 @pytest.fixture(autouse=True)

@@ -229,15 +229,18 @@ class FusedGateUpMLP(LlamaMLP):
         return self.down_proj(self.act_fn(gate) * up)
 
 
+# module class -> (fused linear's name, the linears it replaces, the re-classed module)
+FUSED = {LlamaAttention: ("qkv", ("q_proj", "k_proj", "v_proj"), FusedQKVAttention),
+         LlamaMLP: ("gate_up", ("gate_proj", "up_proj"), FusedGateUpMLP)}
+
+
 def fuse_projections(model: torch.nn.Module) -> int:
     """q/k/v and gate/up of every decoder layer into one quantized linear each (one weight read per group in
     a decode step instead of three and two: fewer, larger kernel calls), in place; returns the groups fused.
     The modules are re-classed, so the attention interface, the cache and the hooks are HF's own."""
     n = 0
     for module in list(model.modules()):
-        groups = {LlamaAttention: ("qkv", ("q_proj", "k_proj", "v_proj"), FusedQKVAttention),
-                  LlamaMLP: ("gate_up", ("gate_proj", "up_proj"), FusedGateUpMLP)}
-        entry = groups.get(type(module))
+        entry = FUSED.get(type(module))
         if entry is None:
             continue
         name, parts, cls = entry

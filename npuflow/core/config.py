@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from npuflow.core.engines import engine_problem
+from npuflow.core.engines import engine_problem, offline_problem
 from npuflow.core.errors import ConfigError
 
 SOURCE_SCHEMES = ("file://", "s3://", "hf://")
@@ -122,6 +122,11 @@ class QuantizationConfig(_Frozen):
             )
         if self.scheme.startswith("w8a8") and self.method != "rtn":
             raise ValueError(f"scheme {self.scheme}: supported method: rtn (weights rounded after SmoothQuant)")
+        if self.scheme.startswith("w8a8") and self.sensitivity:  # the report measures weight rounding only
+            raise ValueError(
+                f"scheme {self.scheme}: sensitivity and fallback auto measure weight-only rounding, not W8A8's "
+                "activation quantization, so they are not offered for it; keep layers float by name in "
+                "quantization.ignore (down_proj is float by default in W8A8)")
         if self.scheme.startswith("w8a8"):  # activation ranges are calibrated for the decoder linears only
             for module in ("model.embed_tokens", "lm_head"):
                 if not any(fnmatch.fnmatch(module, p) for p in self.ignore):
@@ -397,6 +402,8 @@ class RunConfig(_Frozen):
         problem = engine_problem(self.serving.engine, self.convert.device, q.scheme, q.format, self.convert.dtype)
         if problem is not None:
             raise ValueError(f"serving: {problem}")
+        if self.convert.offline is not None and (why := offline_problem(q.scheme)) is not None:
+            raise ValueError(f"convert.offline: {why}")
         return self
 
     @model_validator(mode="after")

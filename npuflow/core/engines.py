@@ -56,3 +56,15 @@ def engine_problem(engine: str, device: str, scheme: str, fmt: str, dtype: str =
     why = WHY.get((engine, device))
     return (f"engine {engine} on {device} cannot run {scheme} in format {fmt}"
             f"{f' ({why})' if why else ''}; it runs: {options} (or use serving.engine npuflow)")
+
+
+def offline_problem(scheme: str | None) -> str | None:
+    """Why the offline model (prefill ONNX for ATC, runtime/offline.py) cannot be exported from `scheme`
+    weights, or None. The export dequantizes the weights to float: right for a weight-only scheme, whose
+    product is float; a W8A8 model also quantizes its activations, which that graph would silently drop."""
+    if scheme is not None and scheme.startswith("w8a8"):
+        return (f"the offline ONNX model cannot carry {scheme}: it holds float weights and no activation "
+                "quantization, so it would not be the W8A8 model validated; an int8 offline model is built with "
+                "Ascend AMCT. Serve W8A8 online (torch_npu npu_quant_matmul, vllm-ascend), or export a "
+                "weight-only scheme (w8a16, w4a16) offline")
+    return None

@@ -37,6 +37,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from npuflow.core.engines import offline_problem
 from npuflow.core.errors import ConfigError, NpuflowError
 
 log = logging.getLogger("npuflow.offline")
@@ -143,6 +144,8 @@ def _check_inputs(artifact_dir: Path, out_dir: Path, seq_len: int, batch_size: i
         qm = None
     if not isinstance(qm, dict) or "format" not in qm:  # `format`: what load_quantized dispatches on
         raise ConfigError(f"{manifest} is not a valid quant manifest (JSON with a `format`)")
+    if (why := offline_problem(qm.get("scheme"))) is not None:
+        raise ConfigError(f"{artifact_dir}: {why}")
     if seq_len < 1 or batch_size < 1:
         raise ConfigError(f"--seq-len and --batch-size must be >= 1, got {seq_len} and {batch_size}")
     if opset < OPSET:

@@ -8,7 +8,8 @@ cuts a loaded model into:
   column-parallel q/k/v/gate/up: rows [r*out/N, (r+1)*out/N) of weight (out, in), scale, zero and bias;
   row-parallel o/down: columns [r*in/N, (r+1)*in/N) of weight (packed int4: (out, in/2), so columns
   [r*in/2N, ...)), 4-bit scale/zero (out, groups) by whole groups, 8-bit per-channel scale (out,) and the
-  bias whole (added once after the all_reduce).
+  bias whole (added once after the all_reduce). A static W8A8 linear's input scale and offset (1,) are read
+  whole on every rank (see _quantized_module for what W8A8 does across ranks).
 The embedding and lm_head are split by vocabulary rows over the tp ranks when tp divides the vocabulary
 (Megatron/vLLM's VocabParallelEmbedding and vocab-parallel lm_head): rows [r*V/N, (r+1)*V/N) of the table and,
 quantized (int8 per row, or int4 groups), of its scale and zero; the embedding looks up the ids it holds
@@ -43,6 +44,7 @@ ROW = ("self_attn.o_proj", "mlp.down_proj")
 VOCAB_TABLES = ("model.embed_tokens.weight", "lm_head.weight")  # (vocab, d) each
 VOCAB_MODULES = ("model.embed_tokens.", "lm_head.")  # their weight, weight_scale, weight_zero_point: rows by vocab
 SCALE, ZERO = "weight_scale", "weight_zero_point"  # native format's names (npuflow/formats/native.py)
+ACT_PARAMS = ("input_scale", "input_offset")  # static W8A8: float32 (1,) each
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ def split_dim(name: str, ndim: int, bits: int | None, vocab_parallel: bool = Fal
     layer, module, leaf = _split(name)
     if layer is None:
         return 0 if vocab_parallel and name.startswith(VOCAB_MODULES) else None
+    if leaf in ACT_PARAMS:  # a static W8A8 input's scale and offset, one each for the whole input
+        return None
     if module in COLUMN:
         return 0
     if module in ROW:
@@ -196,8 +200,14 @@ def read_local(model_dir: Path, place: Placement, tied: bool,
 
 
 def _quantized_module(old: nn.Module | None, path: str, raw: dict, m: dict, place: Placement, dtype: torch.dtype,
-                      backend: ModuleType, group) -> nn.Module:
-    """The QuantLinear of this rank's slices of `path` (row-parallel: inside a RowParallel)."""
+                      backend: ModuleType, group, act: str | None = None) -> nn.Module:
+    """The QuantLinear of this rank's slices of `path` (row-parallel: inside a RowParallel).
+
+    W8A8 (`act`): the static input scale and offset are the whole input's, and each rank's int32 correction
+    uses the sums of its own weight columns, so the row-parallel partial sums add up to the one-device product
+    exactly. Per-token (dynamic) activations are quantized on each rank's slice of the input, as vLLM's and
+    vllm-ascend's row-parallel W8A8 linears do: one scale per token per rank, a finer quantization than one
+    device's (not bit-equal to it)."""
     from npuflow.formats.native import unpack_int4
     from npuflow.runtime.loader import QuantLinear
     from npuflow.runtime.parallel import RowParallel
@@ -211,8 +221,10 @@ def _quantized_module(old: nn.Module | None, path: str, raw: dict, m: dict, plac
                           f"{m['group_size']}; use a tp or group_size that does")
     bias = raw.pop(prefix + "bias", None)
     row = place.tp > 1 and ".".join(path.split(".")[-2:]) in ROW
-    ql = QuantLinear(in_f, out_f, bias is not None and not row, m["bits"], m["group_size"], backend)
-    ql.qweight, ql.scale = q.to(dev), raw.pop(prefix + SCALE).to(dev, dtype)
+    ql = QuantLinear(in_f, out_f, bias is not None and not row, m["bits"], m["group_size"], backend, act)
+    ql.qweight, ql.scale = q.to(dev), raw.pop(prefix + SCALE).to(dev, torch.float32 if act else dtype)
+    if act == "tensor":
+        ql.input_scale, ql.input_offset = (raw.pop(prefix + k).to(dev, torch.float32) for k in ACT_PARAMS)
     if prefix + ZERO in raw:
         ql.zero = raw.pop(prefix + ZERO).to(dev, dtype)
     if bias is not None and not row:
@@ -270,10 +282,12 @@ def load_rank_local(model_dir: Path, backend: ModuleType, dtype: torch.dtype, pl
     `group`: the tensor-parallel process group the row-parallel all_reduces run in (None: the default)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from npuflow.formats.native import ACT
     from npuflow.runtime.loader import W8Embedding, _rebuild_meta_buffers, _set_module
 
     qm = model_dir / "quant_manifest.json"  # absent: the unquantized reference, read the same way
-    fmt = json.loads(qm.read_text())["format"] if qm.is_file() else "native"
+    manifest = json.loads(qm.read_text()) if qm.is_file() else {"format": "native"}
+    fmt, act = manifest["format"], ACT.get(manifest.get("scheme"))
     if fmt != "native":
         raise ConfigError(f"rank-local loading reads the native format; {model_dir} is {fmt!r}: convert with "
                           "quantization.format: native for tensor- or pipeline-parallel runs")
@@ -300,7 +314,7 @@ def load_rank_local(model_dir: Path, backend: ModuleType, dtype: torch.dtype, pl
             emb.weight, emb.weight_scale = raw.pop(name).to(dev), raw.pop(path + "." + SCALE).to(dev, dtype)
             _set_module(model, path, emb)
             continue
-        _set_module(model, path, _quantized_module(old, path, raw, m, place, dtype, backend, group))
+        _set_module(model, path, _quantized_module(old, path, raw, m, place, dtype, backend, group, act))
     for i in range(len(model.model.layers) if place.tp > 1 else 0):  # decoder linears kept in float
         for path in (*COLUMN, *ROW):
             full = f"model.layers.{i}.{path}"

@@ -20,7 +20,7 @@ from npuflow.core.artifacts import (
     staging_dir,
 )
 from npuflow.core.config import ConvertConfig, ServingConfig
-from npuflow.core.engines import engine_dtype, engine_problem
+from npuflow.core.engines import engine_dtype, engine_problem, offline_problem
 from npuflow.core.errors import ConfigError, NpuflowError
 from npuflow.core.store import Store
 from npuflow.runtime.backends import get_backend
@@ -70,6 +70,8 @@ def convert(quantized: QuantizedArtifact, cfg: ConvertConfig, store: Store, cach
     problem = engine_problem(engine, cfg.device, quantized.scheme, quantized.format, cfg.dtype)
     if problem is not None:
         raise ConfigError(f"convert: {problem}")
+    if cfg.offline is not None and (why := offline_problem(quantized.scheme)) is not None:
+        raise ConfigError(f"convert.offline: {why}")
     backend = get_backend(cfg.device)
     dtype = resolve_dtype(engine_dtype(engine, cfg.device, cfg.dtype), backend)
     versions = backend.versions()

@@ -219,6 +219,25 @@ def test_bad_input_is_refused_and_nothing_is_written(case: str, kwargs: dict, me
     assert [p.name for p in tmp_path.iterdir()] == (["offline"] if case == "exists" else [])
 
 
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-dynamic"])
+def test_w8a8_is_refused_before_any_work(scheme: str, w8_dir: Path, tmp_path: Path) -> None:
+    """The export dequantizes weights to float and has no activation quantization: a W8A8 artifact would come
+    out as another model than the one validated. Refused from the manifest's scheme (the config and the
+    convert stage ask the same question, core/engines.offline_problem)."""
+    from npuflow.core.config import RunConfig
+
+    art = tmp_path / "w8a8"
+    shutil.copytree(w8_dir, art)
+    manifest = json.loads((art / "quant_manifest.json").read_text())
+    (art / "quant_manifest.json").write_text(json.dumps({**manifest, "scheme": scheme}))
+    with pytest.raises(ConfigError, match=f"the offline ONNX model cannot carry {scheme}: .* Ascend AMCT"):
+        export_onnx(art, tmp_path / "offline", seq_len=8)
+    assert not (tmp_path / "offline").exists()
+    with pytest.raises(ValueError, match=f"convert.offline: the offline ONNX model cannot carry {scheme}"):
+        RunConfig.model_validate({"name": "m", "source": {"uri": "file:///m"}, "quantization": {"scheme": scheme},
+                                  "convert": {"offline": {}}})
+
+
 def test_missing_offline_extra_is_named(w8_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("npuflow.runtime.offline.OFFLINE_DEPS", ("onnx", "npuflow_no_such_module"))
     with pytest.raises(ConfigError, match=r"needs npuflow_no_such_module: pip install 'npuflow\[offline\]'"):

@@ -138,6 +138,9 @@ def test_w8a8_config_refusals_name_the_fix() -> None:
         QuantizationConfig(scheme="w8a8", group_size=64)
     with pytest.raises(ValueError, match="smoothquant_alpha"):
         QuantizationConfig(scheme="w8a8", smoothquant_alpha=1.5)
+    for extra in ({"sensitivity": True}, {"fallback": "auto"}):  # weight-only measures: refused, not ignored
+        with pytest.raises(ValueError, match=r"not offered for it; keep layers float by name in quantization\.ignore"):
+            QuantizationConfig(scheme="w8a8-dynamic", **extra)
 
 
 def test_w8a8_needs_real_calibration_text_before_any_work(tiny_random_llama_dir: Path, tmp_path: Path) -> None:

@@ -168,17 +168,25 @@ def _train_tokenizer(text: str) -> PreTrainedTokenizerFast:
 # model + training
 
 
-def _llama_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> LlamaConfig:
-    """~0.87M params at vocab 512: 4 x 184k per block + 2 x 65.5k for embed_tokens and lm_head."""
+# Model sizes build_tiny_llama trains on the same corpus and tokenizer. "demo" (the default, ~0.87M params at
+# vocab 512: 4 x 184k per block + 2 x 65.5k for embed_tokens and lm_head) is the demo and test model; "small"
+# (~6.6M: 8 x 786k + 2 x 131k, head_dim 64) is the larger trained model quality figures are also measured on.
+SIZES = {
+    "demo": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 2},
+    "small": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 8, "num_attention_heads": 4,
+              "num_key_value_heads": 2},
+}
+
+
+def _llama_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, size: str = "demo") -> LlamaConfig:
+    """d_model a multiple of 128 and d_ff = 3 * d_model, so every int4 group size divides both; GQA (2 query
+    heads share each kv head)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=128,  # d_model; multiple of 32 for int4 groups
-        intermediate_size=384,  # d_ff = 3 * d_model, a multiple of 128 so every int4 group size divides it
-        num_hidden_layers=4,
-        num_attention_heads=4,  # head_dim = 32
-        num_key_value_heads=2,  # GQA: 2 query heads share each kv head
+        **SIZES[size],
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
@@ -277,8 +285,9 @@ def _write_sha256sums(d: Path) -> None:
     (d / "SHA256SUMS").chmod(0o644)
 
 
-def build_tiny_llama(out_dir: Path, *, steps: int = 300, seed: int = 0, progress: bool = False) -> Path:
-    """Train and write a tiny Llama in HF format into out_dir; return out_dir.
+def build_tiny_llama(out_dir: Path, *, steps: int = 300, seed: int = 0, progress: bool = False,
+                     size: str = "demo") -> Path:
+    """Train and write a tiny Llama (`size`: a key of SIZES) in HF format into out_dir; return out_dir.
 
     Files: config.json, generation_config.json, model.safetensors, tokenizer files, SHA256SUMS.
     Written into a hidden sibling temp dir and renamed into place only when complete.
@@ -304,7 +313,7 @@ def build_tiny_llama(out_dir: Path, *, steps: int = 300, seed: int = 0, progress
                 tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long
             )  # (N,) ids
             torch.manual_seed(seed)  # weight init
-            cfg = _llama_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+            cfg = _llama_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, size)
             model = LlamaForCausalLM(cfg).to(torch.float32)
             if progress:
                 n_params = sum(p.numel() for p in model.parameters())

@@ -107,11 +107,24 @@ def make_writer(fmt: str, out_dir: Path, scheme: str, hf_config: dict) -> Writer
     return _module(fmt).Writer(out_dir, scheme, hf_config)
 
 
-def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every *.safetensors file in model_dir, by name (the formats' readers start here)."""
+def read_tensors(model_dir: Path, mapped: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in model_dir, by name (the formats' readers start here).
+
+    mapped: views of safe_open's file mapping (pages read when touched; right when the tensors go on to a
+    device or are read once); False: read into this process's own memory (formats/files.py: for weights
+    that stay in host memory, so the ones replaced after loading are really freed)."""
+    raw: dict[str, torch.Tensor] = {}
+    if not mapped:
+        from npuflow.formats.files import read_header, read_slice
+
+        for path in sorted(model_dir.glob("*.safetensors")):
+            with open(path, "rb", buffering=0) as f:
+                header, base = read_header(f)
+                for name, info in header.items():
+                    raw[name] = read_slice(f, info, base, None, (0, 0))
+        return raw
     from safetensors import safe_open
 
-    raw: dict[str, torch.Tensor] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
@@ -119,6 +132,7 @@ def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return raw
 
 
-def read_quantized(model_dir: Path, fmt: str) -> Shard:
-    """Every tensor of a quantized checkpoint, integer weights as QuantizedWeight (unpacked)."""
-    return _module(fmt).read(model_dir)
+def read_quantized(model_dir: Path, fmt: str, mapped: bool = True) -> Shard:
+    """Every tensor of a quantized checkpoint, integer weights as QuantizedWeight (unpacked); `mapped` as
+    read_tensors."""
+    return _module(fmt).read(model_dir, mapped)

@@ -190,14 +190,14 @@ def quantization_config(bits: int, group_size: int | None, symmetric: bool, act:
     }
 
 
-def read(model_dir: Path) -> Shard:
+def read(model_dir: Path, mapped: bool = True) -> Shard:
     """Tensors by HF name, pack-quantized linears unpacked to QuantizedWeight; config.json says how."""
     qc = json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}
     groups = list(qc.get("config_groups", {}).values())
     if qc and (qc.get("format") not in (FORMAT, INT_FORMAT) or len(groups) != 1):
         raise NpuflowError(f"{model_dir}: npuflow reads one {FORMAT} or {INT_FORMAT} config group, got "
                            f"{qc.get('format')!r} with {len(groups)} groups")
-    raw = read_tensors(model_dir)
+    raw = read_tensors(model_dir, mapped)
     if qc.get("format") == INT_FORMAT:
         return _read_w8a8(raw, groups[0])
     out: Shard = {}

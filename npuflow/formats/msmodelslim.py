@@ -172,14 +172,14 @@ def w8a8_tensors(t: QuantizedWeight, bias: torch.Tensor | None, bf16: bool) -> d
     return out
 
 
-def read(model_dir: Path) -> Shard:
+def read(model_dir: Path, mapped: bool = True) -> Shard:
     """Tensors by HF name; quant_model_description.json says which are W8A16 (the file names never do).
 
     Reads per-channel and per-group W8A16 (scale (out, 1) or (out, in // g)); a non-zero offset is read as
     msmodelslim documents it, w ~= (q - offset) * scale.
     """
     description = json.loads((model_dir / DESCRIPTION).read_text())
-    raw = read_tensors(model_dir)
+    raw = read_tensors(model_dir, mapped)
     out: Shard = {}
     for name, kind in description.items():
         if not name.endswith(".weight") or kind == FLOAT or not isinstance(kind, str):

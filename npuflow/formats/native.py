@@ -69,13 +69,13 @@ class Writer:
         return files
 
 
-def read(model_dir: Path) -> Shard:
+def read(model_dir: Path, mapped: bool = True) -> Shard:
     """Tensors by name; the quant manifest says which are integer weights (never the file names)."""
     manifest = json.loads((model_dir / "quant_manifest.json").read_text())
     tensors = manifest["tensors"]
     act = ACT.get(manifest.get("scheme"))
     quantized = {k: v for k, v in tensors.items() if v["quantized"]}
-    raw = read_tensors(model_dir)
+    raw = read_tensors(model_dir, mapped)
     out: Shard = {}
     for name, meta in quantized.items():
         prefix = name.removesuffix("weight")

@@ -96,7 +96,12 @@ def load_quantized(model_dir: Path, backend: ModuleType, dtype: torch.dtype, gra
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     dev = backend.device()
     sd: dict[str, torch.Tensor] = {}
-    for name, t in read_quantized(model_dir, qm["format"]).items():
+    # On the CPU the weights stay where they are read: read them into the process's own memory, not as views
+    # of the files' mappings, whose pages stay resident while any tensor of the file lives, those prepare
+    # replaces (fused, repacked) included (1B W8A16, bf16, fused projections: peak RSS 2173 MiB mapped).
+    tensors = read_quantized(model_dir, qm["format"], mapped=dev.type != "cpu")
+    for name in list(tensors):  # each released once on the device (a dtype cast frees its source at once)
+        t = tensors.pop(name)
         if not isinstance(t, QuantizedWeight):
             sd[name] = t.to(dev, dtype) if t.is_floating_point() else t.to(dev)
             continue
@@ -117,6 +122,7 @@ def load_quantized(model_dir: Path, backend: ModuleType, dtype: torch.dtype, gra
         if t.zero is not None:
             sd[prefix + "zero"] = t.zero.to(dev, dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    sd.clear()  # the model holds the tensors now: prepare's fusions and repacks free the ones they replace
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise NpuflowError(
@@ -127,7 +133,23 @@ def load_quantized(model_dir: Path, backend: ModuleType, dtype: torch.dtype, gra
         model.tie_weights()
     _rebuild_meta_buffers(model, config, dev)
     model.eval()
-    return backend.prepare(model, graph=graph)
+    model = backend.prepare(model, graph=graph)
+    release_freed_heap()
+    return model
+
+
+def release_freed_heap() -> None:
+    """Give the heap that loading freed (read chunks, dtype casts, the weights prepare fused or repacked) back
+    to the OS: glibc keeps freed chunks below the top of its heap mapped, which counts in the RSS (measured
+    on a TP=2 rank of the 1B W8A16 model: ~37 MiB after reading, ~70 MiB more after fusing the projections).
+    No-op where the C library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def load_reference(model_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from npuflow.core.errors import ConfigError, NpuflowError
+from npuflow.formats.files import read_header, read_slice
 
 log = logging.getLogger("npuflow.runtime")
 
@@ -108,57 +108,6 @@ def split_dim(name: str, ndim: int, bits: int | None, vocab_parallel: bool = Fal
             return None
         return 1
     return None
-
-
-# safetensors layout (huggingface/safetensors README, "Format"): 8 bytes little-endian N, an N-byte JSON header
-# {name: {"dtype", "shape", "data_offsets": [begin, end]}} with offsets into the byte buffer that follows it
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-CHUNK_BYTES = 8 << 20  # row-parallel slices are read this many bytes of whole rows at a time
-
-
-def read_header(f) -> tuple[dict, int]:
-    """The header of an open safetensors file and where its tensor bytes start."""
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-def _read_into(f, offset: int, out: torch.Tensor) -> None:
-    f.seek(offset)
-    view = out.view(torch.uint8).reshape(-1).numpy()
-    if f.readinto(view) != view.nbytes:
-        raise NpuflowError(f"{f.name}: truncated at byte {offset} (re-download or re-quantize it)")
-
-
-def read_slice(f, info: dict, base: int, dim: int | None, part: tuple[int, int],
-               dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rows or columns [a, b) of one tensor (dim None: all of it), read with plain file reads, CHUNK_BYTES of
-    whole rows at a time, into this rank's own memory; float tensors land in `dtype` chunk by chunk (no
-    second full-size copy). Not safe_open's get_slice: that maps the whole file, and a column slice of a
-    row-major tensor touches every page of it, which then counts in the rank's RSS while the file stays
-    mapped (measured: +330 MiB per TP=2 rank of the 1B W8A16 model)."""
-    src, shape = ST_DTYPES[info["dtype"]], list(info["shape"])
-    start = base + info["data_offsets"][0]
-    dst = dtype if dtype is not None and src.is_floating_point else src
-    rows_total = shape[0] if shape else 1
-    width = math.prod(shape[1:]) if len(shape) > 1 else 1  # elements of one row (dim 0 entry)
-    r0, r1 = part if dim == 0 else (0, rows_total)
-    c0, c1 = part if dim == 1 else (0, width)
-    out = torch.empty(r1 - r0, c1 - c0, dtype=dst)
-    if dst == src and (c0, c1) == (0, width):  # whole rows as stored: straight into this rank's tensor
-        _read_into(f, start + r0 * width * src.itemsize, out)
-        return out if dim == 1 else out.reshape([r1 - r0, *shape[1:]] if shape else [])
-    step = max(1, CHUNK_BYTES // (width * src.itemsize))
-    for r in range(r0, r1, step):
-        rows = torch.empty(min(step, r1 - r), width, dtype=src)
-        _read_into(f, start + r * width * src.itemsize, rows)
-        out[r - r0 : r - r0 + rows.shape[0]] = rows[:, c0:c1]
-    if dim == 1:
-        return out
-    return out.reshape([r1 - r0, *shape[1:]] if shape else [])
 
 
 def _part(name: str, shape: list[int], place: Placement, bits: int | None) -> tuple[int | None, tuple[int, int]]:
@@ -283,7 +232,7 @@ def load_rank_local(model_dir: Path, backend: ModuleType, dtype: torch.dtype, pl
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from npuflow.formats.native import ACT
-    from npuflow.runtime.loader import W8Embedding, _rebuild_meta_buffers, _set_module
+    from npuflow.runtime.loader import W8Embedding, _rebuild_meta_buffers, _set_module, release_freed_heap
 
     qm = model_dir / "quant_manifest.json"  # absent: the unquantized reference, read the same way
     manifest = json.loads(qm.read_text()) if qm.is_file() else {"format": "native"}
@@ -335,21 +284,9 @@ def load_rank_local(model_dir: Path, backend: ModuleType, dtype: torch.dtype, pl
         model.lm_head.weight = model.model.embed_tokens.weight
     _rebuild_meta_buffers(model, model.config, dev)
     model.eval()
+    model = backend.prepare(model, graph=graph)
     release_freed_heap()
-    return backend.prepare(model, graph=graph)
-
-
-def release_freed_heap() -> None:
-    """Give the heap that loading freed (read chunks, dtype casts) back to the OS: glibc keeps freed chunks
-    below the top of its heap mapped, which counts in the rank's RSS (measured: ~37 MiB after loading a TP=2
-    rank of the 1B W8A16 model). No-op where the C library has no malloc_trim."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    return model
 
 
 def loaded_bytes(model_dir: Path, dtype: torch.dtype) -> int:

@@ -161,6 +161,28 @@ def test_cpu_linear_w8a16_fp32_is_the_reference(int8_weight) -> None:
     torch.testing.assert_close(cpu.linear_w8a16(x, q, scale), linear_w8a16_reference(x, q, scale))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_linear_w8a16_prefill_dequantizes_blocks_of_rows_with_the_same_result(
+        int8_weight, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill-sized product dequantizes DEQUANT_CHUNK weight elements at a time (the whole float weight
+    never exists): bit-equal to dequantizing it whole, also when the last block is short."""
+    _, q, scale = int8_weight  # (96, 64)
+    monkeypatch.setattr(cpu, "DEQUANT_CHUNK", 64 * 40)  # blocks of 40 output rows: 40, 40, 16
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
+    assert torch.equal(cpu.linear_w8a16(x, q, scale), linear_w8a16_reference(x, q, scale))
+
+
+def test_cpu_weights_are_read_into_the_process_memory_not_the_file_mapping(quantized_llama_dir: Path) -> None:
+    """On the CPU load_quantized reads tensors with file reads (formats.read_tensors(mapped=False)): the same
+    values as safe_open's views, but in the process's own memory, so a weight prepare replaces is freed."""
+    from npuflow.formats import read_tensors
+
+    mapped, own = read_tensors(quantized_llama_dir), read_tensors(quantized_llama_dir, mapped=False)
+    assert mapped.keys() == own.keys()
+    for k, t in mapped.items():
+        assert own[k].dtype == t.dtype and torch.equal(own[k], t), k
+
+
 def test_w8a16_linear_module_adds_bias(int8_weight) -> None:
     _, q, scale = int8_weight
     layer = QuantLinear(64, 96, bias=True, bits=8, group_size=None, backend=cpu)

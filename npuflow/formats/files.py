@@ -65,5 +65,3 @@ def read_slice(f, info: dict, base: int, dim: int | None, part: tuple[int, int],
     if dim == 1:
         return out
     return out.reshape([r1 - r0, *shape[1:]] if shape else [])
-
-

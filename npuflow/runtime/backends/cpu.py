@@ -245,18 +245,14 @@ FUSED = {LlamaAttention: ("qkv", ("q_proj", "k_proj", "v_proj"), FusedQKVAttenti
          LlamaMLP: ("gate_up", ("gate_proj", "up_proj"), FusedGateUpMLP)}
 
 
-def release_freed_heap() -> None:
-    from npuflow.runtime.loader import release_freed_heap as trim
-
-    trim()
-
-
 def fuse_projections(model: torch.nn.Module) -> int:
     """q/k/v and gate/up of every decoder layer into one quantized linear each (one weight read per group in
     a decode step instead of three and two: fewer, larger kernel calls), in place; returns the groups fused.
     The modules are re-classed, so the attention interface, the cache and the hooks are HF's own. Only the
     attention and MLP modules are listed up front: each group's separate linears are freed as soon as it is
     fused (a list of every module would keep them all alive to the end, +2/3 of the weights at peak)."""
+    from npuflow.runtime.loader import release_freed_heap
+
     n = 0
     for module in [m for m in model.modules() if type(m) in FUSED]:
         name, parts, cls = FUSED[type(module)]

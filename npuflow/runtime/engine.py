@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from npuflow.runtime.backends import cpu_kernels
+
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 0..2**63-1 here (larger values raise)
 KV_BUCKET = 128  # attention length granularity, tokens: a step reads ceil(longest / 128) * 128 positions
 
@@ -143,6 +145,9 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if attention_mask is not None and attention_mask.dtype == torch.bool:
+        if query.device.type == "cpu" and cpu_kernels.available():  # the C++ kernel: 5-8x the op below
+            blocks = (key, value) if key.dim() == 5 else (key.unsqueeze(0), value.unsqueeze(0))
+            return torch.ops.npuflow_cpu.decode_attention(query, *blocks, attention_mask, float(scale)), None
         return single_query_attention(query, key, value, attention_mask, float(scale)), None
     return _single_query(query, key, value, attention_mask, scale), None  # (B, 1, H, D), as SDPA returns
 

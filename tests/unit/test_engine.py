@@ -166,17 +166,20 @@ def test_prompts_arriving_together_are_prefilled_in_one_forward_and_decode_as_al
 
 
 def test_int4_prefill_dequantizes_to_what_the_kernel_computes(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """From DEQUANT_ROWS rows on, a 4-bit linear runs on its weight dequantized from aten's packed layout:
-    the same result as the int4 kernel up to bf16 rounding, for every linear of the demo model."""
+    """From `dequant_rows` rows on, a 4-bit linear runs on its weight dequantized from the packed layout
+    (npuflow's or aten's): the same result as its int4 kernel up to bf16 rounding, for every linear of the
+    demo model."""
     out = tmp_path / "w4a16"
     out.mkdir()
     quantize_dir(tiny_model_dir, out, QuantizationConfig(scheme="w4a16", group_size=32, sensitivity=False))
     model = load_quantized(out, cpu, torch.bfloat16)
     linears = [m for m in model.modules() if isinstance(m, cpu.Int4PackedLinear)]
-    assert linears and cpu.int4_layout_ok() and all(m.dequant_rows == cpu.DEQUANT_ROWS for m in linears)
+    assert linears and all(m.dequant_rows == (cpu.OWN_INT4_DEQUANT_ROWS if m.own else cpu.DEQUANT_ROWS)
+                           for m in linears)
+    assert all(m.own for m in linears) == cpu.npuflow_int4_ok(32, linears[0].in_features)
     for m in {m.in_features: m for m in linears}.values():
-        x = torch.randn(cpu.DEQUANT_ROWS, m.in_features).to(torch.bfloat16)
-        kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, m.packed, m.group_size, m.scales_zeros).float()
+        x = torch.randn(m.dequant_rows, m.in_features).to(torch.bfloat16)
+        kernel = m.kernel(x).float()
         got = m(x).float()
         assert (got - kernel).abs().max() <= 0.02 * kernel.abs().max()
 

@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
+from npuflow.runtime.backends import cpu_kernels
 from npuflow.runtime.backends.common import (
     library_versions,
     linear_w4a16_reference,
@@ -54,15 +55,24 @@ def default_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
+# Up to this many rows (a decode step's) a W8A16 product reads the int8 weight as it is. npuflow's kernel,
+# one decode step's linears of the 220M benchmark Llama (48 + an int8 lm_head, 187 MB, weights from memory,
+# 2 threads; benchmarks/cpu_runtime.py times the whole step): 1 row 3.8-5.9 ms vs aten's
+# _weight_int8pack_mm 6.0-7.2 ms, 2 rows 6.0 vs 8.4-9.1, 4 rows 9.5-10 vs 7-9.3.
+DECODE_ROWS = 4
 DEQUANT_CHUNK = 4 << 20  # weight elements dequantized at a time for a prefill-sized W8A16 product (8 MiB bf16)
 
 
 def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Decode-sized inputs (<= 4 rows) in bf16 use aten's int8 kernel; everything else dequantizes, a block
-    of output rows at a time (DEQUANT_CHUNK elements), so the float copy of a large weight (fused gate/up of a
-    1B model: 46 MiB in bf16, two temporaries before) never exists whole; the same GEMMs, fewer bytes."""
+    """Decode-sized inputs (<= DECODE_ROWS rows) use npuflow's int8 kernel (cpu_kernels.cpp: any float dtype),
+    or aten's for bf16 where it could not be built; everything else dequantizes, a block of output rows at a
+    time (DEQUANT_CHUNK elements), so the float copy of a large weight (fused gate/up of a 1B model: 46 MiB in
+    bf16, two temporaries before) never exists whole; the same GEMMs, fewer bytes."""
     rows, (out_f, in_f) = x.numel() // x.shape[-1], qweight.shape
-    if x.dtype == torch.bfloat16 and rows <= 4:
+    if rows <= DECODE_ROWS and cpu_kernels.available():
+        y = torch.ops.npuflow_cpu.int8_linear(x.reshape(rows, in_f), qweight, scale)
+        return y.reshape(*x.shape[:-1], out_f)
+    if x.dtype == torch.bfloat16 and rows <= DECODE_ROWS:
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, in_f), qweight, scale.to(x.dtype))
         return y.reshape(*x.shape[:-1], out_f)
     step = max(1, DEQUANT_CHUNK // in_f)
@@ -104,6 +114,10 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, inp
 # the 220M benchmark Llama, 2 threads, whole prefill forward, int4 kernel vs dequantized: 50 rows 131 vs
 # 253 ms, 100: 240 vs 303, 200: 452 vs 400-434, 500: 1261 vs 733-808 (unpacking costs ~2.4 ms a weight).
 DEQUANT_ROWS = 160
+# The same crossover for npuflow_cpu::int4_linear (it reads the weight once per 4 rows) against its C++
+# dequantization: 12 linears of the 220M Llama, kernel vs dequantized + GEMM, ms: 1 row 0.8 vs 7.2, 16: 7.1
+# vs 9.8, 24: 10.1 vs 9.7, 64: 27.6 vs 14.2 (2 threads, best of 3).
+OWN_INT4_DEQUANT_ROWS = 24
 
 
 def _unpack_int4_t(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -120,14 +134,14 @@ def _unpack_int4_t(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size:
 _LAYOUT_OK: bool | None = None
 
 
-def _unpacker():
+def _unpacker(unpack):
     """The unpacking compiled by inductor (one fused loop per weight shape, 2-3x eager's speed) where a C++
     compiler is installed; eager torch ops otherwise."""
     import shutil
 
     if any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
-        return torch.compile(_unpack_int4_t, dynamic=False)
-    return _unpack_int4_t
+        return torch.compile(unpack, dynamic=False)
+    return unpack
 
 
 def int4_layout_ok() -> bool:
@@ -146,36 +160,68 @@ def int4_layout_ok() -> bool:
     return _LAYOUT_OK
 
 
-class Int4PackedLinear(torch.nn.Module):
-    """4-bit weights in aten's CPU int4 layout (two per byte, half the bytes of the loaded uint8 values),
-    bf16 activations. Up to DEQUANT_ROWS rows (decode) `aten._weight_int4pack_mm_for_cpu`, whose cost
-    grows linearly with the rows; from there on (prefill) the weight is dequantized to bf16 for the step
-    and multiplied by oneDNN's GEMM: a 500-token prefill in 0.6x the kernel's time, measured here.
+def npuflow_int4_ok(group_size: int, in_features: int) -> bool:
+    """Whether npuflow_cpu::int4_linear runs natively here (AVX512-BF16) for this shape."""
+    return (cpu_kernels.available() and torch.ops.npuflow_cpu.simd() == "avx512_bf16" and in_features % 64 == 0
+            and (group_size == 32 or group_size % 64 == 0) and in_features % group_size == 0)
 
-    The kernel computes w = (q - 8) * scale + zero_f per group; npuflow stores w = (q - zero) * scale,
-    so zero_f = (8 - zero) * scale.
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) 4-bit values -> (out, in // 2) uint8 in npuflow_cpu::int4_linear's layout: per 64 inputs, 32
+    bytes with q[0..31] in the low nibbles and q[32..63] in the high ones."""
+    b = q.to(torch.uint8).view(q.shape[0], -1, 2, 32)
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(q.shape[0], -1).contiguous()
+
+
+class Int4PackedLinear(torch.nn.Module):
+    """4-bit weights two per byte (half the bytes of the loaded uint8 values), bf16 activations.
+
+    Decode-sized inputs run a 4-bit kernel that reads the packed weight as it is; from `dequant_rows` rows on
+    (prefill) the weight is dequantized to bf16 for the step and multiplied by oneDNN's GEMM. The kernel is
+    npuflow's (npuflow_cpu::int4_linear, `pack_int4` layout) on AVX512-BF16 hosts, else aten's
+    _weight_int4pack_mm_for_cpu, whose cost grows linearly with the rows: a 500-token prefill dequantized
+    took 0.6x its time, measured here. aten computes w = (q - 8) * scale + zero_f per group; npuflow stores
+    w = (q - zero) * scale, so zero_f = (8 - zero) * scale.
     """
 
     def __init__(self, q: torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group_size = q.in_features, q.out_features, q.group_size
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.qweight.to(torch.int32), 1)
-        self.register_buffer("packed", packed)  # (out, in // 2) uint8
         s, z = q.scale.float(), q.zero.float()  # (out, groups)
-        self.register_buffer("scales_zeros", torch.stack([s.T, ((8 - z) * s).T], dim=-1).contiguous()
-                             .to(torch.bfloat16))  # (groups, out, 2)
+        self.own = npuflow_int4_ok(self.group_size, self.in_features)
+        if self.own:
+            self.register_buffer("packed", pack_int4(q.qweight))  # (out, in // 2) uint8
+            self.register_buffer("scales", torch.stack([s, s * z], dim=-1).to(torch.bfloat16).contiguous())
+            self.dequant_rows = OWN_INT4_DEQUANT_ROWS
+            self.unpack = torch.ops.npuflow_cpu.int4_dequantize
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.qweight.to(torch.int32), 1)
+            self.register_buffer("packed", packed)  # (out, in // 2) uint8, aten's layout
+            self.register_buffer("scales", torch.stack([s.T, ((8 - z) * s).T], dim=-1).contiguous()
+                                 .to(torch.bfloat16))  # (groups, out, 2)
+            self.dequant_rows = DEQUANT_ROWS if self.out_features % 64 == 0 and int4_layout_ok() else None
+            self.unpack = _unpacker(_unpack_int4_t)
         self.bias = None if q.bias is None else torch.nn.Parameter(q.bias.detach().to(torch.bfloat16),
                                                                    requires_grad=False)
-        self.dequant_rows = DEQUANT_ROWS if self.out_features % 64 == 0 and int4_layout_ok() else None
-        self.unpack = _unpacker()
+
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        """The 4-bit kernel on x2 (rows, in) bf16 -> (rows, out), whatever the rows."""
+        if self.own:
+            return torch.ops.npuflow_cpu.int4_linear(x2, self.packed, self.scales, self.group_size)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight in bf16, (out, in)."""
+        w = self.unpack(self.packed, self.scales, self.group_size)
+        return w if self.own else w.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) bf16 -> (..., out)
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
         if self.dequant_rows is not None and rows >= self.dequant_rows:
-            y = x2 @ self.unpack(self.packed, self.scales_zeros, self.group_size)
+            y = torch.nn.functional.linear(x2, self.dequantized())
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+            y = self.kernel(x2)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -271,7 +317,9 @@ def fuse_projections(model: torch.nn.Module) -> int:
 
 def prepare(model: torch.nn.Module, graph: bool = False) -> torch.nn.Module:
     """bf16 models: q/k/v and gate/up fused into one quantized linear each, then 4-bit linears moved to the
-    packed int4 kernel; then HF modules as they are (SDPA attention), graph mode compiled with inductor."""
+    packed int4 kernel; then HF modules as they are (SDPA attention), graph mode compiled with inductor.
+    npuflow's C++ kernels are built (once per host) and loaded here, before any tracing."""
+    cpu_kernels.problem()
     if model.dtype == torch.bfloat16:
         fuse_projections(model)
         for name in [n for n, m in model.named_modules() if int4_packable(m)]:  # names: each old one freed at once
@@ -281,16 +329,26 @@ def prepare(model: torch.nn.Module, graph: bool = False) -> torch.nn.Module:
 
 
 def kernels(dtype: torch.dtype) -> dict[str, str]:
+    """The kernel each operation runs on this host, as the deployable records it (the C++ kernels where they
+    build here, else why not)."""
+    why = cpu_kernels.problem()
+    own = why is None
     w8a8 = {"linear_w8a8": "aten._int_mm (oneDNN int8 GEMM), activations int8 per token or static per tensor"}
+    decode = (f"npuflow_cpu::int8_linear (<= {DECODE_ROWS} rows)" if own else
+              f"aten._weight_int8pack_mm (<= {DECODE_ROWS} rows; npuflow's kernel unavailable: {why})"
+              if dtype == torch.bfloat16 else "")
+    attention = ("sdpa (prefill) / " + ("npuflow_cpu::decode_attention (C++, one query per row over the cache "
+                                        "blocks)" if own else "npuflow::single_query_attention (bmm)"))
+    common = w8a8 | {"attention": attention}
+    if own:
+        common["cpu_kernels"] = "built here from cpu_kernels.cpp (-O3 -march=native)"
     if dtype == torch.bfloat16:
-        return w8a8 | {"projections": "q/k/v and gate/up fused: one quantized linear each (fuse_projections)",
-                       "linear_w8a16": "aten._weight_int8pack_mm (decode) / dequantized F.linear (prefill)",
-                       "linear_w4a16": f"aten._weight_int4pack_mm_for_cpu (< {DEQUANT_ROWS} rows) / dequantized "
-                                       "bf16 GEMM (prefill)",
-                       "attention": "sdpa (prefill) / npuflow::single_query_attention (one bmm for the scores, "
-                                    "one for the values, over every cache block)"}
-    return w8a8 | {"linear_w8a16": "dequantized F.linear", "linear_w4a16": "dequantized F.linear",
-                   "attention": "sdpa"}
+        return common | {"projections": "q/k/v and gate/up fused: one quantized linear each (fuse_projections)",
+                         "linear_w8a16": f"{decode} / dequantized F.linear (prefill)",
+                         "linear_w4a16": f"aten._weight_int4pack_mm_for_cpu (< {DEQUANT_ROWS} rows) / "
+                                         "dequantized bf16 GEMM (prefill)"}
+    return common | {"linear_w8a16": f"{decode} / dequantized F.linear" if own else "dequantized F.linear",
+                     "linear_w4a16": "dequantized F.linear"}
 
 
 def synchronize() -> None:

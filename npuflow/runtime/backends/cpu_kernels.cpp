@@ -273,61 +273,71 @@ inline void int8_block(const float* x, int64_t K, const int8_t* w, int64_t ldw, 
 #endif
 }
 
-template <int M>
-void int8_rows(const float* x, int64_t K, const int8_t* w, int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t N) {
+// out[m][n] = sum * scale[n] for output rows n0..n1 of M input rows, straight into the output tensor
+template <int M, typename T, typename S>
+void int8_rows(const float* x, int64_t K, const int8_t* w, int64_t ldw, const S* scale, int64_t n0, int64_t n1,
+               T* out, int64_t N) {
   constexpr int R = 4;  // M * R <= 16 accumulators, R weight vectors and one of x: within the 32 registers
   float sums[M * R];
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
     int8_block<M, R>(x, K, w + n * ldw, ldw, sums);
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) y[m * N + n + r] = sums[m * R + r];
+      for (int r = 0; r < R; ++r) out[m * N + n + r] = static_cast<T>(sums[m * R + r] * widen(scale[n + r]));
   }
   for (; n < n1; ++n) {
     int8_block<M, 1>(x, K, w + n * ldw, ldw, sums);
-    for (int m = 0; m < M; ++m) y[m * N + n] = sums[m];
+    for (int m = 0; m < M; ++m) out[m * N + n] = static_cast<T>(sums[m] * widen(scale[n]));
   }
 }
 
-template <typename T>
+template <typename T, typename S>
 void int8_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, at::Tensor& out) {
   const int64_t rows = x.size(0), K = x.size(1), N = w.size(0), ldw = w.stride(0);
   const T* xp = x.data_ptr<T>();
   const int8_t* wp = w.data_ptr<int8_t>();
-  std::vector<float> xf(rows * K), yf(rows * N);
+  const S* sp = scale.data_ptr<S>();
+  T* op = out.data_ptr<T>();
+  thread_local std::vector<float> xf;  // the input rows in float32, reused from call to call
+  xf.resize(rows * K);
   for (int64_t m = 0; m < rows; ++m) widen_row(xp + m * K, &xf[m * K], K);
-  const at::Tensor s = scale.to(at::kFloat).contiguous();
-  const float* sp = s.data_ptr<float>();
   // each thread a contiguous range of output rows (a multiple of 16: whole cache lines of y), >= 64 KiB of weight
   const int64_t grain = std::max<int64_t>(16, ((65536 / std::max<int64_t>(K, 1)) + 15) / 16 * 16);
   for (int64_t m0 = 0; m0 < rows; m0 += 4) {
     const int64_t mm = std::min<int64_t>(4, rows - m0);
     const float* xm = &xf[m0 * K];
-    float* ym = &yf[m0 * N];
+    T* om = op + m0 * N;
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       switch (mm) {
-        case 1: int8_rows<1>(xm, K, wp, ldw, n0, n1, ym, N); break;
-        case 2: int8_rows<2>(xm, K, wp, ldw, n0, n1, ym, N); break;
-        case 3: int8_rows<3>(xm, K, wp, ldw, n0, n1, ym, N); break;
-        default: int8_rows<4>(xm, K, wp, ldw, n0, n1, ym, N); break;
+        case 1: int8_rows<1>(xm, K, wp, ldw, sp, n0, n1, om, N); break;
+        case 2: int8_rows<2>(xm, K, wp, ldw, sp, n0, n1, om, N); break;
+        case 3: int8_rows<3>(xm, K, wp, ldw, sp, n0, n1, om, N); break;
+        default: int8_rows<4>(xm, K, wp, ldw, sp, n0, n1, om, N); break;
       }
     });
   }
-  T* op = out.data_ptr<T>();
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t n = 0; n < N; ++n) op[m * N + n] = static_cast<T>(yf[m * N + n] * sp[n]);
+}
+
+template <typename T>
+void int8_linear_for(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, at::Tensor& out) {
+  switch (scale.scalar_type()) {
+    case at::kFloat: int8_linear_impl<T, float>(x, w, scale, out); break;
+    case at::kBFloat16: int8_linear_impl<T, c10::BFloat16>(x, w, scale, out); break;
+    case at::kHalf: int8_linear_impl<T, c10::Half>(x, w, scale, out); break;
+    default: TORCH_CHECK(false, "int8_linear: float32, bfloat16 or float16 scales only, got ", scale.scalar_type());
+  }
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_linear: x (M, K), w (N, K)");
   TORCH_CHECK(w.scalar_type() == at::kChar && w.stride(1) == 1, "int8_linear: w must be int8 with dense rows");
   TORCH_CHECK(scale.numel() == w.size(0), "int8_linear: one scale per output row");
-  at::Tensor xc = x.contiguous();
+  at::Tensor xc = x.contiguous(), sc = scale.contiguous();
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
   switch (x.scalar_type()) {
-    case at::kFloat: int8_linear_impl<float>(xc, w, scale, out); break;
-    case at::kBFloat16: int8_linear_impl<c10::BFloat16>(xc, w, scale, out); break;
-    case at::kHalf: int8_linear_impl<c10::Half>(xc, w, scale, out); break;
+    case at::kFloat: int8_linear_for<float>(xc, w, sc, out); break;
+    case at::kBFloat16: int8_linear_for<c10::BFloat16>(xc, w, sc, out); break;
+    case at::kHalf: int8_linear_for<c10::Half>(xc, w, sc, out); break;
     default: TORCH_CHECK(false, "int8_linear: float32, bfloat16 or float16 activations only, got ", x.scalar_type());
   }
   return out;
@@ -431,7 +441,7 @@ inline void int4_block(const c10::BFloat16* x, const float* xsum, int64_t K, int
 
 template <int M>
 void int4_rows(const c10::BFloat16* x, const float* xsum, int64_t K, int64_t G, const uint8_t* w,
-               const c10::BFloat16* sz, int64_t n0, int64_t n1, float* y, int64_t N) {
+               const c10::BFloat16* sz, int64_t n0, int64_t n1, c10::BFloat16* y, int64_t N) {
   constexpr int R = 4;
   const int64_t groups = K / G;
   float sums[M * R];
@@ -439,11 +449,11 @@ void int4_rows(const c10::BFloat16* x, const float* xsum, int64_t K, int64_t G, 
   for (; n + R <= n1; n += R) {
     int4_block<M, R>(x, xsum, K, G, w + n * (K / 2), sz + n * groups * 2, sums);
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) y[m * N + n + r] = sums[m * R + r];
+      for (int r = 0; r < R; ++r) y[m * N + n + r] = static_cast<c10::BFloat16>(sums[m * R + r]);
   }
   for (; n < n1; ++n) {
     int4_block<M, 1>(x, xsum, K, G, w + n * (K / 2), sz + n * groups * 2, sums);
-    for (int m = 0; m < M; ++m) y[m * N + n] = sums[m];
+    for (int m = 0; m < M; ++m) y[m * N + n] = static_cast<c10::BFloat16>(sums[m]);
   }
 }
 
@@ -460,7 +470,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
               "int4_linear: scales must be contiguous bfloat16 (N, K / group_size, 2)");
   at::Tensor xc = x.contiguous();
   const c10::BFloat16* xp = xc.data_ptr<c10::BFloat16>();
-  std::vector<float> xsum(rows * groups, 0.0f), yf(rows * N);
+  thread_local std::vector<float> xsum;  // per row and group: sum(x), for the zero term
+  xsum.assign(rows * groups, 0.0f);
+  at::Tensor out = at::empty({rows, N}, x.options());
+  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t k = 0; k < K; ++k) xsum[m * groups + k / group_size] += widen(xp[m * K + k]);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
@@ -470,7 +483,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
     const int64_t mm = std::min<int64_t>(4, rows - m0);
     const c10::BFloat16* xm = xp + m0 * K;
     const float* xs = &xsum[m0 * groups];
-    float* ym = &yf[m0 * N];
+    c10::BFloat16* ym = op + m0 * N;
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       switch (mm) {
         case 1: int4_rows<1>(xm, xs, K, group_size, wp, sp, n0, n1, ym, N); break;
@@ -480,9 +493,6 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
       }
     });
   }
-  at::Tensor out = at::empty({rows, N}, x.options());
-  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
-  for (int64_t i = 0; i < rows * N; ++i) op[i] = static_cast<c10::BFloat16>(yf[i]);
   return out;
 }
 

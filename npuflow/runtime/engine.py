@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from npuflow.runtime.backends import cpu_kernels
+from npuflow.runtime import cpu_kernels
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 0..2**63-1 here (larger values raise)
 KV_BUCKET = 128  # attention length granularity, tokens: a step reads ceil(longest / 128) * 128 positions

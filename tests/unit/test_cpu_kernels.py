@@ -1,4 +1,4 @@
-"""npuflow's C++ CPU kernels (npuflow/runtime/backends/cpu_kernels.cpp) against the pure-torch paths they replace."""
+"""npuflow's C++ CPU kernels (npuflow/runtime/cpu_kernels.cpp) against the pure-torch paths they replace."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from npuflow.runtime.backends import cpu, cpu_kernels
+from npuflow.runtime import cpu_kernels
+from npuflow.runtime.backends import cpu
 from npuflow.runtime.backends.common import linear_w8a16_reference
 from npuflow.runtime.engine import KV_BUCKET, _single_query, decode_attention
 
@@ -122,7 +123,7 @@ def test_compiled_code_calls_the_kernels_as_opaque_ops() -> None:
 
 
 def test_turned_off_the_backend_keeps_its_torch_paths() -> None:
-    code = ("import torch; from npuflow.runtime.backends import cpu, cpu_kernels; "
+    code = ("import torch; from npuflow.runtime import cpu_kernels; from npuflow.runtime.backends import cpu; "
             "print(cpu_kernels.problem()); print(cpu.kernels(torch.bfloat16)['attention'])")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NPUFLOW_CPU_KERNELS": "0"},
                          capture_output=True, text=True, check=True).stdout

@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
-from npuflow.runtime.backends import cpu_kernels
+from npuflow.runtime import cpu_kernels
 from npuflow.runtime.backends.common import (
     library_versions,
     linear_w4a16_reference,

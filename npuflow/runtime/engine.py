@@ -186,14 +186,14 @@ class SlotCache:
 
     The model calls update(k, v, layer) once per layer per step; `begin_step` says which slots the step
     runs (rows 0..B-1 of the step are slots start..start+B-1, or the listed slots), where each new token
-    goes and how many positions attention reads. Allocated on the first update, from the key shape
-    (tensor-parallel ranks hold their own heads)."""
+    goes and how many positions attention reads. Each layer's is allocated on its first update, from the key
+    shape (tensor-parallel ranks hold their own heads, a pipeline stage only its layers)."""
 
     def __init__(self, layers: int, slots: int, max_len: int):
         self.n_layers, self.slots, self.max_len = layers, slots, max_len
         self.blocks = -(-max_len // KV_BUCKET)
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor | None] = [None] * layers  # allocated on a layer's first update: a
+        self.values: list[torch.Tensor | None] = [None] * layers  # pipeline stage holds only its own layers
         self.start, self.rows, self.kv_len = 0, 0, 0
         self.write_pos: torch.Tensor | None = None  # (B, T) position of each new token
         self.slot_ids: torch.Tensor | None = None  # (B,) the step's slots when they are not a contiguous range
@@ -207,11 +207,11 @@ class SlotCache:
         """k, v (B, kv_heads, T, D) written at write_pos. Returns, for a one-token step over a slot range,
         the blocks it reads: (kv_len / KV_BUCKET, B, kv_heads, KV_BUCKET, D) views (the engine's attention
         takes them as they are); otherwise (B, kv_heads, kv_len, D) copies for SDPA."""
-        if not self.keys:
-            shape = (self.blocks, self.slots, k.shape[1], KV_BUCKET, k.shape[3])
-            self.keys = [torch.zeros(shape, dtype=k.dtype, device=k.device) for _ in range(self.n_layers)]
-            self.values = [torch.zeros(shape, dtype=v.dtype, device=v.device) for _ in range(self.n_layers)]
         K, V = self.keys[layer_idx], self.values[layer_idx]
+        if K is None or V is None:
+            shape = (self.blocks, self.slots, k.shape[1], KV_BUCKET, k.shape[3])
+            K = self.keys[layer_idx] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            V = self.values[layer_idx] = torch.zeros(shape, dtype=v.dtype, device=v.device)
         if self.slot_ids is not None:
             rows = self.slot_ids[:, None]  # (B, 1)
         else:

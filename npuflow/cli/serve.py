@@ -34,6 +34,26 @@ def refuse_open_without_token(host: str, token: str | None) -> None:
                           "bind 127.0.0.1")
 
 
+def _serving_config(from_config, engine: str | None, vllm_python: str | None, tp: int, pp: int):
+    """The engine that serves: the config's `serving:` section, or the one --engine/--tp/--pp describe with
+    --model; a ConfigError for options that do not go together."""
+    from npuflow.core.config import ServingConfig
+
+    if from_config is not None and (engine is not None or vllm_python is not None or tp != 1 or pp != 1):
+        raise ConfigError("--engine, --vllm-python, --tp and --pp go with --model DIR; with a CONFIG its "
+                          "`serving:` section chooses the engine and its tensor_parallel_size / pipeline_parallel_size")
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"--tp and --pp must be >= 1, got --tp {tp} --pp {pp}")
+    if engine not in (None, "npuflow", "vllm"):
+        raise ConfigError(f"--engine must be npuflow or vllm, got {engine!r}")
+    if from_config is not None:
+        return from_config
+    if vllm_python is not None and engine != "vllm":
+        raise ConfigError("--vllm-python goes with --engine vllm")
+    return ServingConfig(engine=engine or "npuflow", tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                         **({"python": vllm_python} if vllm_python else {}))
+
+
 @app.command()
 def serve(config: Annotated[Path | None, typer.Argument(
               help="YAML run config: its `name` is served from the registry (champion and challenger).")] = None,
@@ -62,6 +82,11 @@ def serve(config: Annotated[Path | None, typer.Argument(
           vllm_python: Annotated[str | None, typer.Option(
               help="With --engine vllm: the vLLM interpreter (default .venv-vllm/bin/python: `make vllm`).")]
           = None,
+          tp: Annotated[int, typer.Option(
+              help="With --model: tensor-parallel ranks (npuflow: torchrun ranks behind the router, each reading "
+                   "its part of the weights; vllm: --tensor-parallel-size). With CONFIG: its serving section.")] = 1,
+          pp: Annotated[int, typer.Option(
+              help="With --model: pipeline-parallel stages (contiguous layer ranges), as --tp.")] = 1,
           ) -> None:
     """Serve the champion (and a challenger) from the registry: OpenAI /v1/completions and
     /v1/chat/completions with continuous batching, /health, /metrics."""
@@ -71,21 +96,9 @@ def serve(config: Annotated[Path | None, typer.Argument(
         raise ConfigError("give a run CONFIG (serve its registered champion) or --model DIR (a quantized "
                           "directory), not both and not neither")
     refuse_open_without_token(host, token)  # before anything is loaded
-    from npuflow.core.config import ServingConfig
-
     run_cfg = load_config(config) if config is not None else None
     cfg_name = run_cfg.name if run_cfg is not None else name
-    if run_cfg is not None and (engine is not None or vllm_python is not None):
-        raise ConfigError("--engine and --vllm-python go with --model DIR; with a CONFIG its `serving:` "
-                          "section chooses the engine")
-    if engine not in (None, "npuflow", "vllm"):
-        raise ConfigError(f"--engine must be npuflow or vllm, got {engine!r}")
-    if run_cfg is not None:
-        serving_cfg = run_cfg.serving
-    else:
-        if vllm_python is not None and engine != "vllm":
-            raise ConfigError("--vllm-python goes with --engine vllm")
-        serving_cfg = ServingConfig(engine=engine or "npuflow", **({"python": vllm_python} if vllm_python else {}))
+    serving_cfg = _serving_config(run_cfg.serving if run_cfg is not None else None, engine, vllm_python, tp, pp)
     if not 0 <= challenger_weight <= 100:
         raise ConfigError(f"--challenger-weight must be 0..100 (% of traffic), got {challenger_weight:g}")
     from npuflow.core.settings import Settings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -358,29 +358,37 @@ class RolloutConfig(_Frozen):
 
 
 class ServingConfig(_Frozen):
-    """Which engine serves this release behind the npuflow router (`npuflow serve`): npuflow's own
-    runtime in process, or vLLM as a child process per served version (or at a URL someone else runs)."""
+    """Which engine serves this release behind the npuflow router (`npuflow serve`): npuflow's own runtime
+    (in process; on tp x pp ranks as a child process group when either is > 1), or vLLM as a child process
+    per served version (or, for either engine, at a URL someone else runs)."""
 
     engine: Literal["npuflow", "vllm"] = "npuflow"
     python: str = ".venv-vllm/bin/python"  # vllm: the engine's interpreter (relative: to the working dir); `make vllm`
-    url: str | None = None  # vllm: connect to this engine instead of starting one; `{version}` is replaced
-    tensor_parallel_size: int = Field(1, ge=1)  # vllm --tensor-parallel-size
-    pipeline_parallel_size: int = Field(1, ge=1)  # vllm --pipeline-parallel-size
+    url: str | None = None  # connect to this engine instead of starting one; `{version}` is replaced
+    tensor_parallel_size: int = Field(1, ge=1)  # vllm --tensor-parallel-size; npuflow: tp ranks (torchrun)
+    pipeline_parallel_size: int = Field(1, ge=1)  # vllm --pipeline-parallel-size; npuflow: pp stages (torchrun)
     max_model_len: int | None = Field(None, ge=16)  # vllm --max-model-len (default: the model's context)
-    startup_timeout_s: float = Field(300.0, gt=0)  # vllm: its /health must answer within this, seconds
+    startup_timeout_s: float = Field(300.0, gt=0)  # an engine process's /health must answer within this, seconds
     extra_args: tuple[str, ...] = ()  # more vllm arguments, verbatim (e.g. --enforce-eager: starts faster)
-    env: dict[str, str] = Field(default_factory=dict)  # more environment for the engine (VLLM_CPU_KVCACHE_SPACE, ...)
+    env: dict[str, str] = Field(default_factory=dict)  # more environment for an engine process (VLLM_CPU_KVCACHE_SPACE, ...)
+
+    VLLM_ONLY: ClassVar[tuple[str, ...]] = ("python", "max_model_len", "extra_args")
 
     @model_validator(mode="after")
     def _vllm_only(self) -> ServingConfig:
         if self.engine == "npuflow":
             default = ServingConfig.model_construct()
-            touched = sorted(k for k in type(self).model_fields if getattr(self, k) != getattr(default, k))
+            touched = sorted(k for k in self.VLLM_ONLY if getattr(self, k) != getattr(default, k))
             if touched:
                 raise ValueError(f"{', '.join(touched)} configure a vLLM engine: set engine: vllm or delete them")
         if self.url is not None and not re.fullmatch(r"https?://\S+", self.url):
             raise ValueError(f"url must be http(s)://HOST:PORT, got {self.url!r}")
         return self
+
+    @property
+    def ranks(self) -> int:
+        """Processes (devices) one served version runs on: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 class RunConfig(_Frozen):

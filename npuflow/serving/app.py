@@ -23,7 +23,7 @@ one and swapped in; if it fails the old one keeps serving); a challenger that fa
 is taken out of rotation (weight 0, the reason in /health) and its request is answered by the champion.
 Every version's engine is stepped by one engine thread with continuous batching (npuflow.serving.generation),
 so the event loop keeps answering; or, for a release whose deployable names engine vllm, in a vLLM child
-process group (npuflow.serving.vllm_engine) that the router streams from, with the same routing, headers
+process group (npuflow.serving.remote) that the router streams from, with the same routing, headers
 and metrics. Shutdown stops every engine.
 """
 

@@ -42,7 +42,7 @@ from npuflow.serving.protocol import (
     sse,
     validation_message,
 )
-from npuflow.serving.vllm_engine import RemoteRun
+from npuflow.serving.remote import RemoteRun
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default
 

@@ -14,7 +14,7 @@ from npuflow.core.artifacts import Deployable
 from npuflow.registry import client as registry
 from npuflow.runtime.engine import Engine
 from npuflow.serving.generation import Batcher
-from npuflow.serving.vllm_engine import RemoteEngine
+from npuflow.serving.remote import RemoteEngine
 
 
 @dataclass

@@ -20,7 +20,7 @@ from npuflow.serving.generation import Batcher, on_own_thread
 from npuflow.serving.loaded import LoadedModel
 from npuflow.serving.options import ServeOptions
 from npuflow.serving.pool import ModelPool
-from npuflow.serving.vllm_engine import RemoteEngine, VllmProcess, connect
+from npuflow.serving.remote import EngineProcess, RanksProcess, RemoteEngine, VllmProcess, connect
 
 log = logging.getLogger("npuflow.serve")
 
@@ -105,12 +105,13 @@ def load_dir(model_dir: Path, version: registry.ModelVersion, deployable: Deploy
              opts: ServeOptions) -> LoadedModel:
     """The quantized model in model_dir on the deployable's device, checked to answer (a prefill and a
     decode step through its engine; graph mode compiles here), with its engine thread started; or, for a
-    deployable served by vLLM, that engine started (or connected to) and checked to answer."""
-    if deployable.engine == "vllm":
-        return load_remote(model_dir, version, deployable, opts)
-    if deployable.engine != "npuflow":
+    deployable served by vLLM, or by npuflow on tp x pp ranks (serving.tensor_parallel_size /
+    pipeline_parallel_size), that engine started (or connected to) and checked to answer."""
+    if deployable.engine not in ("npuflow", "vllm"):
         raise NpuflowError(f"{version.name} version {version.version}: unknown serving engine "
                            f"{deployable.engine!r} in its deployable (known: npuflow, vllm)")
+    if deployable.engine == "vllm" or opts.serving.ranks > 1 or opts.serving.url is not None:
+        return load_remote(model_dir, version, deployable, opts)
     return on_own_thread(_load_local, model_dir, version, deployable, opts)  # the engine thread: OpenMP's only user
 
 
@@ -125,55 +126,77 @@ def _load_local(model_dir: Path, version: registry.ModelVersion, deployable: Dep
     budget = int(opts.kv_cache_gib * 2**30) if opts.kv_cache_gib else kv_budget_bytes(backend.device())
     slots = kv_slots(cfg, DTYPES[deployable.dtype], context, opts.max_batch, budget, version.version)
     engine = Engine(model, max_len=context, slots=slots, compile=graph)
+    lm = serve_engine(engine, tokenizer, version, deployable, opts)
+    log.info("loaded %s version %s (%s, %s) from %s", version.name, version.version, deployable.device,
+             deployable.dtype, model_dir)
+    return lm
+
+
+def serve_engine(engine: Engine, tokenizer, version: registry.ModelVersion, deployable: Deployable,
+                 opts: ServeOptions) -> LoadedModel:
+    """The engine checked to answer (a prefill and a decode step; graph mode compiles here) and its engine
+    thread started: the LoadedModel the pool serves (in `npuflow serve`, and on rank 0 of tp x pp ranks)."""
     with torch.inference_mode():
         logits = engine.prefill(0, [tokenizer.bos_token_id or 0])  # (1, V)
         one = torch.ones(1, 1, dtype=torch.long, device=logits.device)
         logits = torch.cat([logits, engine.step(0, logits.argmax(-1, keepdim=True), one)])
     if not torch.isfinite(logits).all():
         raise NpuflowError(f"{version.name} version {version.version} produced NaN/Inf logits when loaded")
-    lm = LoadedModel(version=version, deployable=deployable, model=model, tokenizer=tokenizer, engine=engine,
-                     batcher=Batcher(engine, version.version, max_request_s=opts.max_request_s),
-                     device=backend.device(), context=context, eos=stop_token_ids(cfg.eos_token_id, tokenizer),
-                     vocab_size=int(cfg.vocab_size))
-    log.info("loaded %s version %s (%s, %s) from %s", version.name, version.version, deployable.device,
-             deployable.dtype, model_dir)
-    return lm
+    cfg = engine.model.config
+    return LoadedModel(version=version, deployable=deployable, model=engine.model, tokenizer=tokenizer, engine=engine,
+                       batcher=Batcher(engine, version.version, max_request_s=opts.max_request_s),
+                       device=engine.device, context=engine.max_len, eos=stop_token_ids(cfg.eos_token_id, tokenizer),
+                       vocab_size=int(cfg.vocab_size))
 
 
 def load_remote(model_dir: Path, version: registry.ModelVersion, deployable: Deployable,
                 opts: ServeOptions) -> LoadedModel:
-    """A version served by vLLM: the engine started on model_dir as a child process group (or the one at
-    serving.url connected to), one completion checked; only the tokenizer loads in the router (prompt
-    checks, chat template)."""
+    """A version served by an engine at a URL: vLLM, or npuflow's own engine on tp x pp ranks (serving/ranks.py),
+    started on model_dir as a child process group (or the one at serving.url connected to), one completion
+    checked; only the tokenizer loads in the router (prompt checks, chat template)."""
     import json
+
+    from npuflow.runtime.pipeline import check_model_layout
 
     cfg = opts.serving
     hf = json.loads((model_dir / "config.json").read_text())
     context = min(int(hf.get("max_position_embeddings", 2048)), cfg.max_model_len or 1 << 30)
+    kind = "vLLM" if deployable.engine == "vllm" else "npuflow"
     tokenizer = load_tokenizer(model_dir)
-    process = None
+    process: EngineProcess | None = None
     if cfg.url is not None:
-        url, served = connect(cfg.url, version.version)
+        url, served = connect(cfg.url, version.version, kind)
     else:
         served = f"{version.name}-v{version.version}"
-        process = VllmProcess(cfg, model_dir, served, deployable.device, deployable.dtype, context,
-                              opts.cache_dir / "engines" / f"{served}.log")
+        log_path = opts.cache_dir / "engines" / f"{served}.log"
+        if deployable.engine == "vllm":
+            process = VllmProcess(cfg, model_dir, served, deployable.device, deployable.dtype, context, log_path)
+        else:
+            check_model_layout(model_dir, cfg.tensor_parallel_size, cfg.pipeline_parallel_size)  # before a rank starts
+            process = RanksProcess(cfg, model_dir, served, deployable.device, deployable.dtype, context, log_path,
+                                   graph=deployable.runtime == Runtime.NPUFLOW_GRAPH, max_batch=opts.max_batch,
+                                   kv_cache_gib=opts.kv_cache_gib, max_tokens_limit=opts.max_tokens_limit,
+                                   max_request_s=opts.max_request_s)
         url = process.start()
-    remote = RemoteEngine(url, served, process, request_timeout_s=opts.max_request_s)
+    remote = RemoteEngine(url, served, process, request_timeout_s=opts.max_request_s,
+                          kind="vllm" if kind == "vLLM" else "npuflow")
     try:
-        _probe(url, served, tokenizer.bos_token_id or 0, f"{version.name} version {version.version}", process)
+        _probe(url, served, tokenizer.bos_token_id or 0, f"{version.name} version {version.version}", process,
+               kind)
     except BaseException:
         remote.close()
         raise
-    log.info("serving %s version %s with vLLM at %s (%s, %s) from %s", version.name, version.version, url,
-             deployable.device, deployable.dtype, model_dir)
+    log.info("serving %s version %s with %s at %s (%s, %s, tp %d x pp %d) from %s", version.name, version.version,
+             remote.kind, url, deployable.device, deployable.dtype, cfg.tensor_parallel_size,
+             cfg.pipeline_parallel_size, model_dir)
     return LoadedModel(version=version, deployable=deployable, model=None, engine=None, batcher=None,
                        tokenizer=tokenizer, device=torch.device("cpu"), context=context,
                        eos=stop_token_ids(hf.get("eos_token_id"), tokenizer), remote=remote,
                        vocab_size=int(hf.get("vocab_size", 0)))
 
 
-def _probe(url: str, served: str, token: int, what: str, process: VllmProcess | None = None) -> None:
+def _probe(url: str, served: str, token: int, what: str, process: EngineProcess | None = None,
+           kind: str = "vLLM") -> None:
     """One two-token completion through the engine, or NpuflowError naming what it answered (and, for an
     engine npuflow started, what its log says went wrong)."""
     import httpx
@@ -182,9 +205,9 @@ def _probe(url: str, served: str, token: int, what: str, process: VllmProcess | 
         probe = httpx.post(f"{url}/v1/completions", timeout=120,
                            json={"model": served, "prompt": [token], "max_tokens": 2})
     except httpx.HTTPError as err:
-        raise NpuflowError(f"{what}: the vLLM engine at {url} did not answer its first completion: {err}") from None
+        raise NpuflowError(f"{what}: the {kind} engine at {url} did not answer its first completion: {err}") from None
     if probe.status_code != 200:
-        raise NpuflowError(f"{what}: the vLLM engine at {url} failed its first completion "
+        raise NpuflowError(f"{what}: the {kind} engine at {url} failed its first completion "
                            f"({probe.status_code}): {probe.text[:500]}{process.failure_hint() if process else ''}")
 
 
@@ -192,6 +215,16 @@ def directory_pool(opts: ServeOptions, model_dir: Path, device: str = "cpu", dty
                    graph: bool = True, engine: str = "npuflow") -> ModelPool:
     """A pool serving one quantized directory as the champion, without a registry (`npuflow serve
     --model DIR [--engine vllm]`: trying a model, benchmarking the server)."""
+    version, deployable = directory_version(model_dir, opts.name, device, dtype, graph, engine)
+    return ModelPool(opts, resolve=lambda alias: version if alias == Alias.CHAMPION else None,
+                     load=lambda v: load_dir(model_dir, v, deployable, opts), where=str(model_dir))
+
+
+def directory_version(model_dir: Path, name: str, device: str, dtype: str, graph: bool,
+                      engine: str) -> tuple[registry.ModelVersion, Deployable]:
+    """A quantized directory as the champion version "local" and its deployable (no registry, no convert stage):
+    the manifest's hash stands for the artifact's; a ConfigError when it is not quantized or the engine cannot
+    run it."""
     import hashlib
     import json
 
@@ -209,14 +242,13 @@ def directory_pool(opts: ServeOptions, model_dir: Path, device: str = "cpu", dty
     backend = get_backend(device)
     sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
     dt = str(resolve_dtype(engine_dtype(engine, device, dtype), backend)).removeprefix("torch.")
-    deployable = Deployable(uri=model_dir.resolve().as_uri(), key="local", name=opts.name, quantized_manifest_sha256=sha,
+    deployable = Deployable(uri=model_dir.resolve().as_uri(), key="local", name=name, quantized_manifest_sha256=sha,
                             quantized_key="local", device=device, device_name=backend.device_name(),
                             runtime=runtime_label(graph), dtype=dt, kernels={}, versions={}, smoke_logits_sha256="",
                             engine=engine)
-    version = registry.ModelVersion(name=opts.name, version="local", aliases=[Alias.CHAMPION], run_id=None,
+    version = registry.ModelVersion(name=name, version="local", aliases=[Alias.CHAMPION], run_id=None,
                                     tags={Tag.ARTIFACT_SHA256: sha})
-    return ModelPool(opts, resolve=lambda alias: version if alias == Alias.CHAMPION else None,
-                     load=lambda v: load_dir(model_dir, v, deployable, opts), where=str(model_dir))
+    return version, deployable
 
 
 def registry_pool(opts: ServeOptions):

@@ -19,7 +19,7 @@ from npuflow.flows.rollout import RolloutFailedError, rollout
 from npuflow.core.config import ServingConfig
 from npuflow.core.names import Alias
 from npuflow.registry import client as registry
-from npuflow.serving.vllm_engine import group_alive
+from npuflow.serving.remote import group_alive
 from tests.integration.test_serve import NAME, client, make_config, options, serving
 
 pytestmark = pytest.mark.integration

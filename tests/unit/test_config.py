@@ -306,8 +306,13 @@ def test_vllm_on_cuda_and_ascend_accept_their_formats() -> None:
 
 
 def test_vllm_settings_without_engine_vllm_are_refused() -> None:
-    with pytest.raises(ConfigError, match="tensor_parallel_size configure a vLLM engine: set engine: vllm"):
-        parse_config(_serving({"tensor_parallel_size": 2}))
+    with pytest.raises(ConfigError, match="extra_args configure a vLLM engine: set engine: vllm"):
+        parse_config(_serving({"extra_args": ["--enforce-eager"]}))
+
+
+def test_the_npuflow_engine_takes_tensor_and_pipeline_parallel_sizes() -> None:
+    cfg = parse_config(_serving({"tensor_parallel_size": 2, "pipeline_parallel_size": 2}))
+    assert cfg.serving.engine == "npuflow" and cfg.serving.ranks == 4
 
 
 @pytest.mark.parametrize("serving", [{"engine": "sglang"}, {"engine": "vllm", "url": "ftp://x"},

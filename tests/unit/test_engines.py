@@ -18,8 +18,8 @@ import pytest
 from npuflow.core.config import ServingConfig
 from npuflow.core.engines import engine_dtype, engine_problem
 from npuflow.core.errors import ConfigError, NpuflowError
-from npuflow.serving import vllm_engine
-from npuflow.serving.vllm_engine import VllmProcess, group_alive
+from npuflow.serving import remote
+from npuflow.serving.remote import VllmProcess, group_alive
 
 # A stand-in for the vLLM API server: starts a grandchild (vLLM's EngineCore), answers /health.
 FAKE = textwrap.dedent("""
@@ -87,7 +87,7 @@ def test_no_engine_survives_a_sigkilled_server(tmp_path) -> None:
     assert group_alive(pgid)
     server.send_signal(signal.SIGKILL)
     server.wait()
-    deadline = time.monotonic() + vllm_engine.STOP_GRACE_S + 10
+    deadline = time.monotonic() + remote.STOP_GRACE_S + 10
     while group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not group_alive(pgid), f"orphans: {members(pgid)}"
@@ -158,7 +158,7 @@ def remote_pool(tmp_path: Path, engine_restarts: int = 3):
     from npuflow.serving.loaded import LoadedModel
     from npuflow.serving.options import ServeOptions
     from npuflow.serving.pool import ModelPool
-    from npuflow.serving.vllm_engine import RemoteEngine
+    from npuflow.serving.remote import RemoteEngine
 
     aliases = {"champion": "1", "candidate": "2"}
 
@@ -226,7 +226,7 @@ def test_an_engine_at_a_url_is_connected_to_by_the_model_it_serves() -> None:
     import http.server
     import json
 
-    from npuflow.serving.vllm_engine import connect, free_port
+    from npuflow.serving.remote import connect, free_port
 
     class Models(http.server.BaseHTTPRequestHandler):
         def do_GET(self):

@@ -1,7 +1,7 @@
-"""vLLM behind the npuflow router: the engine as a child process (or at a URL someone else runs) and the
-client that streams one request through it.
+"""Engines behind the npuflow router at a URL: vLLM, and npuflow's own tp x pp ranks (serving/ranks.py), each
+as a child process group (or at a URL someone else runs), and the client that streams one request through it.
 
-`VllmProcess` starts `python -m vllm.entrypoints.openai.api_server` in its own process group (vLLM runs
+`EngineProcess` is the process group's lifetime; `VllmProcess` starts `python -m vllm.entrypoints.openai.api_server` in its own process group (vLLM runs
 an API server, an EngineCore and workers) under a small guard: the guard holds the read end of a pipe
 whose write end only this process has, so when this process dies in any way (SIGKILL included) the
 guard reads EOF and kills the group. `stop()` kills the group (SIGTERM, SIGKILL after a grace period)
@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -106,8 +107,11 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-class VllmProcess:
-    """One vLLM OpenAI server as a child process group, for one served version."""
+class EngineProcess:
+    """One engine's OpenAI server as a child process group under the guard, for one served version: what
+    starts it (`command`, `env`, `interpreter`) is the subclass's; start, health wait, stop and watch are here."""
+
+    KIND = "engine"  # in messages and /health
 
     def __init__(self, cfg: ServingConfig, model_dir: Path, served_name: str, device: str, dtype: str,
                  max_model_len: int, log_path: Path):
@@ -119,20 +123,19 @@ class VllmProcess:
         self._wfd: int | None = None
         self._stop_lock = threading.Lock()  # shutdown and a take-out may stop it at once
 
+    def interpreter(self) -> Path:
+        """The Python that runs the guard (and, unless command() says otherwise, the engine)."""
+        raise NotImplementedError
+
     def command(self, python: Path, port: int) -> list[str]:
-        c = self.cfg
-        return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-                "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(port),
-                "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
-                "--tensor-parallel-size", str(c.tensor_parallel_size),
-                "--pipeline-parallel-size", str(c.pipeline_parallel_size),
-                *ENGINE_ARGS.get(("vllm", self.device), ()), *c.extra_args]
+        raise NotImplementedError
 
     def env(self) -> dict[str, str]:
-        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
-        if self.device == "cpu":
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default reserves far more
-        return {**env, **self.cfg.env}
+        return {**os.environ, **self.cfg.env}
+
+    def failure_hint(self) -> str:
+        """What the engine's log says went wrong, with the fix where one is known ("" when nothing)."""
+        return ""
 
     @property
     def url(self) -> str:
@@ -141,7 +144,7 @@ class VllmProcess:
     def start(self) -> str:
         """Start the engine and wait for its /health; returns its URL. Raises NpuflowError with the tail of
         its log when it exits or does not answer within startup_timeout_s."""
-        python = resolve_python(self.cfg)
+        python = self.interpreter()
         self.port, self.stopping = free_port(), False
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         rfd, self._wfd = os.pipe()  # both non-inheritable; the guard gets rfd through pass_fds
@@ -150,23 +153,23 @@ class VllmProcess:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                          env=self.env(), start_new_session=True, pass_fds=(rfd,))
         os.close(rfd)
-        log.info("vllm %s: pid %d, port %d, log %s", self.served_name, self.proc.pid, self.port, self.log_path)
+        log.info("%s %s: pid %d, port %d, log %s", self.KIND, self.served_name, self.proc.pid, self.port, self.log_path)
         deadline, t0 = time.monotonic() + self.cfg.startup_timeout_s, time.monotonic()
         while True:
             if self.proc.poll() is not None:
                 rc = self.proc.returncode
                 self.stop()
-                raise NpuflowError(f"vllm for {self.served_name} exited ({rc}) before it was healthy; "
+                raise NpuflowError(f"{self.KIND} for {self.served_name} exited ({rc}) before it was healthy; "
                                    f"its log ({self.log_path}) ends:\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    log.info("vllm %s healthy after %.0f s", self.served_name, time.monotonic() - t0)
+                    log.info("%s %s healthy after %.0f s", self.KIND, self.served_name, time.monotonic() - t0)
                     return self.url
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise NpuflowError(f"vllm for {self.served_name} did not answer /health within "
+                raise NpuflowError(f"{self.KIND} for {self.served_name} did not answer /health within "
                                    f"{self.cfg.startup_timeout_s:g} s (serving.startup_timeout_s); its log "
                                    f"({self.log_path}) ends:\n{self.log_tail()}")
             time.sleep(0.5)
@@ -177,20 +180,6 @@ class VllmProcess:
                 return b"".join(deque(f, lines)).decode(errors="replace").rstrip()
         except OSError:
             return "(no log)"
-
-    def failure_hint(self) -> str:
-        """What the engine's log says about a worker that died, with the fix where one is known."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        if "exit code: -4" in text:
-            return (f"\na vLLM worker died of SIGILL (illegal instruction; log {self.log_path}). On a CPU with AMX, "
-                    "vLLM 0.32's kernels need the AMX permission that the environment `make vllm` builds requests "
-                    "at startup: use it (serving.python: .venv-vllm/bin/python) or copy "
-                    "infra/vllm/amx_permission.pth into the site-packages of serving.python")
-        died = [line for line in text.splitlines() if "died unexpectedly" in line]
-        return f"\n{died[-1].strip()} (log {self.log_path})" if died else ""
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -218,13 +207,13 @@ class VllmProcess:
         while group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if group_alive(pgid):
-            log.warning("vllm %s: still running %.0f s after SIGTERM; SIGKILL", self.served_name, STOP_GRACE_S)
+            log.warning("%s %s: still running %.0f s after SIGTERM; SIGKILL", self.KIND, self.served_name, STOP_GRACE_S)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
             proc.wait()
             while group_alive(pgid):
                 time.sleep(0.05)
-        log.info("vllm %s stopped", self.served_name)
+        log.info("%s %s stopped", self.KIND, self.served_name)
 
     def watch(self, on_exit: Callable[[str], None]) -> None:
         """Call on_exit(reason) from a thread when the engine exits without stop()."""
@@ -236,11 +225,97 @@ class VllmProcess:
             rc = proc.wait()
             if not self.stopping and self.proc is proc:
                 try:
-                    on_exit(f"the vLLM engine exited ({rc}); its log ends: {self.log_tail(3)}")
+                    on_exit(f"the {self.KIND} engine exited ({rc}); its log ends: {self.log_tail(3)}")
                 except Exception:  # a thread must not die with an exception
-                    log.exception("handling the exit of vllm %s", self.served_name)
+                    log.exception("handling the exit of %s %s", self.KIND, self.served_name)
 
-        threading.Thread(target=wait, name=f"vllm-watch-{self.served_name}", daemon=True).start()
+        threading.Thread(target=wait, name=f"{self.KIND}-watch-{self.served_name}", daemon=True).start()
+
+
+class VllmProcess(EngineProcess):
+    """One vLLM OpenAI server (`python -m vllm.entrypoints.openai.api_server`) for one served version."""
+
+    KIND = "vllm"
+
+    def interpreter(self) -> Path:
+        return resolve_python(self.cfg)
+
+    def command(self, python: Path, port: int) -> list[str]:
+        c = self.cfg
+        return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+                "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(port),
+                "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
+                "--tensor-parallel-size", str(c.tensor_parallel_size),
+                "--pipeline-parallel-size", str(c.pipeline_parallel_size),
+                *ENGINE_ARGS.get(("vllm", self.device), ()), *c.extra_args]
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+        if self.device == "cpu":
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default reserves far more
+        return {**env, **self.cfg.env}
+
+    def failure_hint(self) -> str:
+        """What the engine's log says about a worker that died, with the fix where one is known."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        if "exit code: -4" in text:
+            return (f"\na vLLM worker died of SIGILL (illegal instruction; log {self.log_path}). On a CPU with AMX, "
+                    "vLLM 0.32's kernels need the AMX permission that the environment `make vllm` builds requests "
+                    "at startup: use it (serving.python: .venv-vllm/bin/python) or copy "
+                    "infra/vllm/amx_permission.pth into the site-packages of serving.python")
+        died = [line for line in text.splitlines() if "died unexpectedly" in line]
+        return f"\n{died[-1].strip()} (log {self.log_path})" if died else ""
+
+
+class RanksProcess(EngineProcess):
+    """npuflow's own engine on tp x pp ranks (one device each, in the guard's process group) for one served
+    version: rank 0 serves the npuflow OpenAI API on its lock-step engine (serving/ranks.py), the others follow it."""
+
+    KIND = "npuflow-ranks"
+
+    def __init__(self, cfg: ServingConfig, model_dir: Path, served_name: str, device: str, dtype: str,
+                 max_model_len: int, log_path: Path, *, graph: bool, max_batch: int, kv_cache_gib: float | None,
+                 max_tokens_limit: int, max_request_s: float):
+        super().__init__(cfg, model_dir, served_name, device, dtype, max_model_len, log_path)
+        self.graph, self.max_batch, self.kv_cache_gib = graph, max_batch, kv_cache_gib
+        self.max_tokens_limit, self.max_request_s = max_tokens_limit, max_request_s
+
+    @property
+    def world(self) -> int:
+        return self.cfg.tensor_parallel_size * self.cfg.pipeline_parallel_size
+
+    def interpreter(self) -> Path:
+        return Path(sys.executable)  # the ranks run npuflow itself, from this environment
+
+    def command(self, python: Path, port: int) -> list[str]:
+        c = self.cfg
+        return [str(python), "-m", "npuflow.serving.ranks", "--ranks", str(self.world), str(self.model_dir), "--device", self.device, "--dtype", self.dtype,
+                "--tp", str(c.tensor_parallel_size), "--pp", str(c.pipeline_parallel_size), "--port", str(port),
+                "--served-name", self.served_name, "--max-len", str(self.max_model_len),
+                "--max-batch", str(self.max_batch), "--max-tokens", str(self.max_tokens_limit),
+                "--max-request-s", str(self.max_request_s), "--graph" if self.graph else "--eager",
+                *(["--kv-cache-gib", str(self.kv_cache_gib)] if self.kv_cache_gib else [])]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        root = str(REPO)  # npuflow importable in the ranks however this process found it
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        if self.device == "cpu":  # the ranks share the host's cores
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.world)))
+        return {**env, **self.cfg.env}
+
+    def failure_hint(self) -> str:
+        """The first error a rank printed, if any."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        from npuflow.runtime.pipeline import rank_failure
+
+        return f"\n{rank_failure(text)} (log {self.log_path})" if "Error" in text else ""
 
 
 class RemoteRun:
@@ -261,11 +336,13 @@ class RemoteRun:
 
 
 class RemoteEngine:
-    """A served version's vLLM: where it answers, under which model name, and how to reach it."""
+    """A served version's engine at a URL (vLLM, or npuflow's own tp x pp ranks: serving/ranks.py): where it
+    answers, under which model name, and how to reach it."""
 
-    def __init__(self, url: str, served_name: str, process: VllmProcess | None = None,
-                 request_timeout_s: float = 600.0):
+    def __init__(self, url: str, served_name: str, process: EngineProcess | None = None,
+                 request_timeout_s: float = 600.0, kind: str = "vllm"):
         self.url, self.served_name, self.process = url.rstrip("/"), served_name, process
+        self.kind = process.KIND if process is not None else kind
         self.slowdown_s = 0.0  # tests and rehearsals: sleep before each chunk (see ServeOptions)
         self.timeout = httpx.Timeout(request_timeout_s, connect=10.0)
         self.client: httpx.AsyncClient | None = None
@@ -306,6 +383,9 @@ class RemoteEngine:
                     if chunk.get("usage"):
                         run.usage = chunk["usage"]
                     for choice in chunk.get("choices") or ():
+                        if not choice.get("text") and choice.get("finish_reason"):  # the closing chunk: no token
+                            finish = choice["finish_reason"]
+                            continue
                         if self.slowdown_s:
                             await asyncio.sleep(self.slowdown_s)
                         put(("token", choice.get("text") or ""))
@@ -321,7 +401,7 @@ class RemoteEngine:
 
     def health(self) -> dict[str, Any]:
         p = self.process
-        return {"kind": "vllm", "url": self.url, "served_model_name": self.served_name, "state": self.state,
+        return {"kind": self.kind, "url": self.url, "served_model_name": self.served_name, "state": self.state,
                 "pid": p.proc.pid if p and p.proc else None, "managed": p is not None, "restarts": self.restarts,
                 "alive": self.alive(), "stalled": False}
 
@@ -345,7 +425,7 @@ class RemoteEngine:
                 asyncio.run_coroutine_threadsafe(client.aclose(), self._loop)
 
 
-def connect(url: str, version: str) -> tuple[str, str]:
+def connect(url: str, version: str, kind: str = "vLLM") -> tuple[str, str]:
     """An engine someone else runs: its URL (`{version}` filled in) and the model name it serves."""
     url = url.replace("{version}", version).rstrip("/")
     try:
@@ -353,8 +433,8 @@ def connect(url: str, version: str) -> tuple[str, str]:
         resp.raise_for_status()
         names = [m["id"] for m in resp.json()["data"]]
     except (httpx.HTTPError, ValueError, KeyError) as err:
-        raise NpuflowError(f"the vLLM engine at {url} (serving.url) does not answer GET /v1/models: {err}") from None
+        raise NpuflowError(f"the {kind} engine at {url} (serving.url) does not answer GET /v1/models: {err}") from None
     if not names:
-        raise NpuflowError(f"the vLLM engine at {url} serves no model")
+        raise NpuflowError(f"the {kind} engine at {url} serves no model")
     return url, names[0]
 

@@ -57,12 +57,14 @@ def _free_port() -> int:
 
 
 def _server_cmd(model_dir: Path, device: str, graph: bool, engine: str, port: int, cfg: ServingLoadConfig,
-                vllm_python: str | None) -> list[str]:
+                vllm_python: str | None, tp: int = 1, pp: int = 1) -> list[str]:
     cmd = [sys.executable, "-m", "npuflow.cli", "serve", "--model", str(model_dir), "--name", SERVED_NAME,
            "--device", device, "--graph" if graph else "--eager", "--port", str(port),
            "--max-batch", str(max(cfg.concurrency)), "--max-tokens", str(cfg.output_len)]
     if engine != "npuflow":
         cmd += ["--engine", engine] + (["--vllm-python", vllm_python] if vllm_python else [])
+    if tp * pp > 1:  # the layout being benchmarked, served the same way (npuflow ranks or vLLM's own)
+        cmd += ["--tp", str(tp), "--pp", str(pp)]
     return cmd
 
 
@@ -138,13 +140,14 @@ def level(result: dict[str, Any], concurrency: int) -> dict[str, Any]:
 
 
 def run_sweep(model_dir: Path, device: str, graph: bool, cfg: ServingLoadConfig, engine: str = "npuflow",
-              vllm_python: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Serve model_dir as `npuflow serve --model` does and sweep cfg.concurrency. Returns (levels, method).
+              vllm_python: str | None = None, tp: int = 1, pp: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Serve model_dir as `npuflow serve --model [--tp TP --pp PP]` does and sweep cfg.concurrency. Returns
+    (levels, method).
 
     Long: one server for the whole sweep, each level warmed up, the server's log kept in the error."""
     tool = load_tool(cfg)
     port = _free_port()
-    cmd = _server_cmd(model_dir, device, graph, engine, port, cfg, vllm_python)
+    cmd = _server_cmd(model_dir, device, graph, engine, port, cfg, vllm_python, tp, pp)
     levels = []
     with tempfile.TemporaryDirectory(prefix="npuflow-load-") as tmp:
         t = time.perf_counter()

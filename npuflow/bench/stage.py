@@ -194,7 +194,8 @@ def check_load_tool(cfg: BenchmarkConfig) -> None:
 def with_serving_load(report: BenchmarkReport, model_dir: Path, device: str, cfg: BenchmarkConfig, graph: bool,
                       engine: str = "npuflow") -> BenchmarkReport:
     """The report with the serving scenario added when cfg.serving_load asks for it (the model behind
-    `npuflow serve`, vllm bench serve's concurrency sweep); unchanged otherwise."""
+    `npuflow serve`, in the benchmarked mode's tp x pp layout; vllm bench serve's concurrency sweep); unchanged
+    otherwise."""
     if cfg.serving_load is None:
         return report
     from npuflow.bench.load import run_sweep
@@ -203,7 +204,7 @@ def with_serving_load(report: BenchmarkReport, model_dir: Path, device: str, cfg
     log.info("serving scenario: concurrency %s, %d in / %d out tokens, engine %s",
              ", ".join(map(str, load.concurrency)), load.input_len, load.output_len, engine)
     levels, method = run_sweep(model_dir, device, graph, load, engine=engine,
-                               vllm_python=load.python if engine == "vllm" else None)
+                               vllm_python=load.python if engine == "vllm" else None, tp=cfg.tp, pp=cfg.pp)
     return report.model_copy(update={"serving": levels, "serving_method": method})
 
 

@@ -43,3 +43,20 @@ def test_a_serving_scenario_without_its_load_tool_fails_before_any_work(tmp_path
     cfg = BenchmarkConfig(serving_load={"python": str(tmp_path / "no-venv" / "bin" / "python")})
     with pytest.raises(NpuflowError, match=r"run `make vllm`"):
         check_load_tool(cfg)
+
+
+@pytest.mark.skipif(not VLLM_PY.is_file(), reason="the vLLM environment (.venv-vllm) is not installed: `make vllm`")
+def test_a_tensor_parallel_benchmark_serves_the_model_on_the_same_ranks(tiny_model_dir: Path, tmp_path: Path):
+    """Measure the path users run: the serving scenario of a tp 2 benchmark is `npuflow serve --model --tp 2`
+    (npuflow's engine on two ranks behind the router), not a single-device server."""
+    q = tmp_path / "q"
+    assert npuflow("quantize", str(tiny_model_dir), "--output", str(q), cwd=tmp_path).returncode == 0
+    out = tmp_path / "bench.json"
+    proc = npuflow("benchmark", str(q), "--eager", "--mode", "tensor-parallel", "--tp", "2", "--input-len", "16",
+                   "--output-len", "8", "--warmup", "1", "--iterations", "1", "--serve-concurrency", "2",
+                   "--output", str(out), cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert "--tp 2 --pp 1" in data["serving_method"]["server"]
+    (lv,) = data["serving"]
+    assert lv["completed"] == lv["prompts"] == 8 and lv["failed"] == 0 and lv["output_tokens_per_s"] > 0

@@ -43,7 +43,7 @@ from npuflow.runtime.engine import Engine
 from npuflow.runtime.loader import DTYPES, load_tokenizer
 from npuflow.runtime.lockstep import LeaderEngine, command_group, follow
 from npuflow.runtime.parallel import DIST_BACKENDS
-from npuflow.runtime.pipeline import Layout, init_ranks, load_rank
+from npuflow.runtime.pipeline import TIMEOUT_S, Layout, init_ranks, load_rank
 from npuflow.serving.generation import on_own_thread
 from npuflow.serving.loading import directory_version, kv_budget_bytes, kv_slots, serve_engine
 from npuflow.serving.options import ServeOptions
@@ -91,8 +91,8 @@ def serve_rank(args: argparse.Namespace) -> None:
     backend = get_backend(args.device)
     if backend.NAME in ("cuda", "npu"):
         getattr(torch, backend.NAME).set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    layout, group = init_ranks(args.device, args.tp, args.pp)
-    calls = command_group()
+    layout, group = init_ranks(args.device, args.tp, args.pp, args.collective_timeout_s)
+    calls = command_group(args.collective_timeout_s)
     # the version and dtype `npuflow serve --model` would serve (auto: the engine's dtype for the device)
     version, deployable = directory_version(args.model_dir, args.served_name, args.device, args.dtype, args.graph,
                                             "npuflow")
@@ -188,6 +188,10 @@ def _main() -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--max-request-s", type=float, default=600.0)
     p.add_argument("--kv-cache-gib", type=float, default=None)
+    p.add_argument("--collective-timeout-s", type=float,
+                   default=float(os.environ.get("NPUFLOW_COLLECTIVE_TIMEOUT_S", TIMEOUT_S)),
+                   help="a rendezvous, or a step's collective waiting on a rank that hangs, fails after this; rank 0 "
+                        "then exits and the router restarts the version (env NPUFLOW_COLLECTIVE_TIMEOUT_S)")
     p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--eager", dest="graph", action="store_false")
     args = p.parse_args()

@@ -34,10 +34,11 @@ def w8(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def serve(model: Path, cwd: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+def serve(model: Path, cwd: Path, *args: str, env: dict[str, str] | None = None
+          ) -> Iterator[tuple[str, subprocess.Popen]]:
     """`npuflow serve --model` in its own process until /health answers; SIGTERM afterwards, and no rank left."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the ranks share 2 cores (see test_tensor_parallel.py)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # the ranks share 2 cores (test_tensor_parallel.py)
     log = open(cwd / f"serve-{port}.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "npuflow.cli", "serve", "--model", str(model), "--port", str(port),
                              "--name", "tiny", "--eager", *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -129,16 +130,41 @@ def test_a_rank_that_dies_restarts_the_champion_on_new_ranks(w8, single, tmp_pat
         engine = engine_of(url)
         follower = max(ranks_of(engine["pid"]), key=lambda p: p.pid)
         follower.kill()  # SIGKILL one rank: rank 0's next collective fails, the group exits, the pool restarts it
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.HTTPError, KeyError):
-                now = engine_of(url)
-                if now["restarts"] >= 1 and now["alive"] and now["pid"] != engine["pid"]:
-                    break
-            assert time.monotonic() < deadline, engine_of(url)
-            time.sleep(0.5)
+        wait_restarted(url, engine["pid"], 120)
         assert not psutil.pid_exists(engine["pid"]) or psutil.Process(engine["pid"]).status() == psutil.STATUS_ZOMBIE
         assert answers(url) == single
+
+
+def wait_restarted(url: str, old_pid: int, within_s: float) -> dict:
+    deadline = time.monotonic() + within_s
+    while True:
+        with contextlib.suppress(httpx.HTTPError, KeyError):
+            now = engine_of(url)
+            if now["restarts"] >= 1 and now["alive"] and now["pid"] != old_pid:
+                return now
+        assert time.monotonic() < deadline, engine_of(url)
+        time.sleep(0.5)
+
+
+def test_a_rank_that_hangs_fails_the_step_and_the_champion_is_restarted(w8, single, tmp_path):
+    """A follower SIGSTOPped (hung, not dead): rank 0's next call to it fails after the collective timeout
+    instead of holding every request forever; rank 0 exits, the version restarts on new ranks."""
+    with serve(w8, tmp_path, "--tp", "2", env={"NPUFLOW_COLLECTIVE_TIMEOUT_S": "10"}) as (url, _):
+        engine = engine_of(url)
+        follower = max(ranks_of(engine["pid"]), key=lambda p: p.pid)
+        follower.suspend()
+        try:
+            t = time.monotonic()
+            r = httpx.post(f"{url}/v1/completions", timeout=120,
+                           json={"model": "tiny", "prompt": "the cat", "max_tokens": 8, "temperature": 0})
+            assert r.status_code >= 500 and time.monotonic() - t < 60, r.text
+            wait_restarted(url, engine["pid"], 120)
+        finally:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                follower.resume()
+        assert answers(url) == single
+    log = next((tmp_path / ".npuflow" / "cache" / "engines").glob("*.log")).read_text()
+    assert "the ranks are out of step; exiting so that the group is restarted" in log
 
 
 @pytest.mark.parametrize(("args", "says"), [(("--tp", "3"), "num_attention_heads = 4 does not split over tp = 3"),

@@ -280,11 +280,9 @@ def check_model_layout(model_dir: Path, tp: int, pp: int) -> None:
                  json.loads(qm.read_text()).get("group_size") if qm.is_file() else None)
 
 
-def run_ranks(module: str, argv: list[str], world: int, device: str, what: str, timeout_s: float,
-              payload: str | None = None) -> dict:
-    """torchrun `python -m MODULE *argv [ARGS_FILE] OUT` on `world` local ranks (one device each) and return
-    the JSON rank 0 writes to OUT; `payload` goes through ARGS_FILE (argv is limited to 128 KiB). One
-    NpuflowError naming `what` when a rank dies or time runs out."""
+def rank_env(world: int, device: str) -> dict[str, str]:
+    """This process's environment for `world` local ranks: npuflow importable however this process found it,
+    and, on the CPU, the cores shared out (OMP_NUM_THREADS = cores / ranks unless set)."""
     import npuflow
 
     env = dict(os.environ)
@@ -292,6 +290,15 @@ def run_ranks(module: str, argv: list[str], world: int, device: str, what: str, 
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     if device == "cpu":  # the ranks share the cores
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    return env
+
+
+def run_ranks(module: str, argv: list[str], world: int, device: str, what: str, timeout_s: float,
+              payload: str | None = None) -> dict:
+    """torchrun `python -m MODULE *argv [ARGS_FILE] OUT` on `world` local ranks (one device each) and return
+    the JSON rank 0 writes to OUT; `payload` goes through ARGS_FILE (argv is limited to 128 KiB). One
+    NpuflowError naming `what` when a rank dies or time runs out."""
+    env = rank_env(world, device)
     with tempfile.TemporaryDirectory(prefix="npuflow-ranks-") as tmp:
         out, args_file = Path(tmp) / "rank0.json", Path(tmp) / "args.json"
         if payload is not None:

@@ -137,6 +137,13 @@ class EngineProcess:
         """What the engine's log says went wrong, with the fix where one is known ("" when nothing)."""
         return ""
 
+    def log_text(self) -> str:
+        """The engine's log so far ("" when it cannot be read)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -257,10 +264,7 @@ class VllmProcess(EngineProcess):
 
     def failure_hint(self) -> str:
         """What the engine's log says about a worker that died, with the fix where one is known."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        text = self.log_text()
         if "exit code: -4" in text:
             return (f"\na vLLM worker died of SIGILL (illegal instruction; log {self.log_path}). On a CPU with AMX, "
                     "vLLM 0.32's kernels need the AMX permission that the environment `make vllm` builds requests "
@@ -283,38 +287,28 @@ class RanksProcess(EngineProcess):
         self.graph, self.max_batch, self.kv_cache_gib = graph, max_batch, kv_cache_gib
         self.max_tokens_limit, self.max_request_s = max_tokens_limit, max_request_s
 
-    @property
-    def world(self) -> int:
-        return self.cfg.tensor_parallel_size * self.cfg.pipeline_parallel_size
-
     def interpreter(self) -> Path:
         return Path(sys.executable)  # the ranks run npuflow itself, from this environment
 
     def command(self, python: Path, port: int) -> list[str]:
         c = self.cfg
-        return [str(python), "-m", "npuflow.serving.ranks", "--ranks", str(self.world), str(self.model_dir), "--device", self.device, "--dtype", self.dtype,
-                "--tp", str(c.tensor_parallel_size), "--pp", str(c.pipeline_parallel_size), "--port", str(port),
-                "--served-name", self.served_name, "--max-len", str(self.max_model_len),
+        return [str(python), "-m", "npuflow.serving.ranks", "--ranks", str(c.ranks), str(self.model_dir),
+                "--device", self.device, "--dtype", self.dtype, "--tp", str(c.tensor_parallel_size),
+                "--pp", str(c.pipeline_parallel_size), "--port", str(port), "--served-name", self.served_name, "--max-len", str(self.max_model_len),
                 "--max-batch", str(self.max_batch), "--max-tokens", str(self.max_tokens_limit),
                 "--max-request-s", str(self.max_request_s), "--graph" if self.graph else "--eager",
                 *(["--kv-cache-gib", str(self.kv_cache_gib)] if self.kv_cache_gib else [])]
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        root = str(REPO)  # npuflow importable in the ranks however this process found it
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-        if self.device == "cpu":  # the ranks share the host's cores
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.world)))
-        return {**env, **self.cfg.env}
+        from npuflow.runtime.pipeline import rank_env
+
+        return {**rank_env(self.cfg.ranks, self.device), **self.cfg.env}
 
     def failure_hint(self) -> str:
         """The first error a rank printed, if any."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
         from npuflow.runtime.pipeline import rank_failure
 
+        text = self.log_text()
         return f"\n{rank_failure(text)} (log {self.log_path})" if "Error" in text else ""
 
 
